@@ -1,1 +1,207 @@
-fn main() {}
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use odooops_agent::agent::{self, Mode, Shutdown};
+use odooops_agent::config::{ConfigError, RawConfig, Settings};
+use odooops_agent::workflows::Workflows;
+use odooops_agent::{db, docker, logging, migrate};
+
+/// Exit status for a bad config or command line (EX_USAGE from sysexits.h).
+const EXIT_USAGE: u8 = 64;
+/// Exit status when the database or Docker engine cannot be reached (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+const DEFAULT_CONFIG: &str = "/etc/odooops/agent.toml";
+
+/// Executes builds, deploys and backups queued in the ops control plane.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending control plane migrations, then exit.
+    Migrate {
+        /// Config file. Optional when ODOOOPS_DATABASE_URL is set.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the agent until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Process claimable runs until none is left, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate the config and check that the database and Docker engine answer.
+    Check {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime failed");
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(err)) => {
+            eprintln!("odooops-agent: {err}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Unavailable(err)) => {
+            eprintln!("odooops-agent: {err:#}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(Failure::Other(err)) => {
+            eprintln!("odooops-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(ConfigError),
+    Unavailable(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(err: ConfigError) -> Self {
+        Failure::Config(err)
+    }
+}
+
+async fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Migrate { config } => {
+            let settings = load_for_migrate(config.as_deref())?;
+            logging::init(&settings.log);
+            run_migrations(&settings).await
+        }
+        Command::Run { config, once } => {
+            let settings = Settings::load(&config)?;
+            logging::init(&settings.log);
+            let mode = if once { Mode::Once } else { Mode::Daemon };
+            let shutdown = Shutdown::default();
+            install_signal_handlers(shutdown.clone()).map_err(Failure::Other)?;
+            agent::run(Arc::new(settings), Workflows::standard(), mode, shutdown)
+                .await
+                .map(|_| ())
+                .map_err(Failure::Other)
+        }
+        Command::Check { config } => {
+            let settings = Settings::load(&config)?;
+            check(&settings).await
+        }
+    }
+}
+
+/// `migrate` needs only a database URL, so the config file may be absent when
+/// ODOOOPS_DATABASE_URL is set.
+fn load_for_migrate(config: Option<&Path>) -> Result<Settings, ConfigError> {
+    match config {
+        Some(path) => Settings::load(path),
+        None => RawConfig::default().validate(),
+    }
+}
+
+async fn run_migrations(settings: &Settings) -> Result<(), Failure> {
+    let target = describe(settings)?;
+    let (mut client, connection) = db::connect(&settings.database, "odooops-agent-migrate")
+        .await
+        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}")))?;
+    tokio::spawn(connection);
+    let applied = migrate::migrate(&mut client)
+        .await
+        .map_err(|err| Failure::Other(err.into()))?;
+    if applied.is_empty() {
+        println!("{target}: schema is up to date");
+    } else {
+        println!("{target}: applied migrations {applied:?}");
+    }
+    Ok(())
+}
+
+fn describe(settings: &Settings) -> Result<String, Failure> {
+    let config = db::parse_url(&settings.database.url)
+        .map_err(|reason| Failure::Other(anyhow::anyhow!(reason)))?;
+    Ok(db::describe(&config))
+}
+
+async fn check(settings: &Settings) -> Result<(), Failure> {
+    println!("config: ok (worker {})", settings.agent.worker_id);
+
+    let target = describe(settings)?;
+    let (client, connection) = db::connect(&settings.database, "odooops-agent-check")
+        .await
+        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("database {target}: {err}")))?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT (SELECT max(version) FROM ops.schema_migrations) AS version",
+            &[],
+        )
+        .await
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!(
+                "database {target}: reading ops.schema_migrations failed: {err}; \
+                 run `odooops-agent migrate` first"
+            ))
+        })?;
+    let version: Option<i32> = row.get(0);
+    let expected = migrate::MIGRATIONS.last().map(|m| m.version);
+    if version != expected {
+        return Err(Failure::Unavailable(anyhow::anyhow!(
+            "database {target}: schema version {version:?}, this agent needs {expected:?}; \
+             run `odooops-agent migrate`"
+        )));
+    }
+    println!("database: ok ({target}, schema version {})", version.unwrap_or(0));
+
+    let engine = docker::connect(&settings.docker)
+        .await
+        .map_err(|err| Failure::Unavailable(err.into()))?;
+    let version = engine
+        .version()
+        .await
+        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("Docker engine: {err}")))?;
+    println!(
+        "docker: ok (engine {}, API {})",
+        version.version.unwrap_or_default(),
+        engine.client_version()
+    );
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT stops claiming and drains; a second one hands running
+/// runs back at once.
+fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if shutdown.drain.is_cancelled() {
+                    tracing::warn!(signal, "second stop signal; handing runs back now");
+                    shutdown.hand_back.cancel();
+                } else {
+                    tracing::info!(signal, "stop signal received; draining");
+                    shutdown.drain.cancel();
+                }
+            }
+        })?;
+    Ok(())
+}
+

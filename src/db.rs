@@ -1,0 +1,124 @@
+//! Connections to the control plane database.
+//!
+//! The URL is a [`Secret`]: it usually carries a password, so only [`describe`] output
+//! (host, port, database, user) ever reaches a log line or an error message.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::Host;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::DatabaseSettings;
+use crate::secret::Secret;
+
+/// Parses a PostgreSQL URL or key=value connection string. The error never repeats
+/// the input.
+pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, String> {
+    tokio_postgres::Config::from_str(url.expose())
+        .map_err(|err| format!("not a PostgreSQL connection string: {err}"))
+}
+
+/// Describes where a connection goes, without the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{} as {}",
+        config.get_dbname().unwrap_or("(default database)"),
+        config.get_user().unwrap_or("(default user)")
+    )
+}
+
+/// A TLS connector trusting the system's certificate store. Supabase and other hosted
+/// servers require TLS; `sslmode=disable` in the URL turns it off for loopback servers.
+pub fn tls() -> MakeRustlsConnect {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A certificate the store cannot parse is skipped; the others still verify.
+        let _ = roots.add(cert);
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the aws-lc-rs provider supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    MakeRustlsConnect::new(config)
+}
+
+/// Builds the connection pool. Connections open lazily, so an unreachable server is
+/// reported by the first query, not here.
+pub fn pool(settings: &DatabaseSettings) -> Result<Pool, String> {
+    let mut config = parse_url(&settings.url)?;
+    config.connect_timeout(settings.connect_timeout);
+    config.keepalives_idle(Duration::from_secs(30));
+    if config.get_application_name().is_none() {
+        config.application_name("odooops-agent");
+    }
+    let manager = Manager::from_config(
+        config,
+        tls(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(settings.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(settings.connect_timeout))
+        .create_timeout(Some(settings.connect_timeout))
+        .build()
+        .map_err(|err| format!("building the connection pool failed: {err}"))
+}
+
+/// A connection that is not yet driven by a task of its own.
+pub type Connection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+/// Opens one connection outside the pool (LISTEN and the migration lock need their own
+/// session). The connection task runs on its own until the client is dropped.
+pub async fn connect(
+    settings: &DatabaseSettings,
+    application_name: &str,
+) -> Result<(tokio_postgres::Client, Connection), tokio_postgres::Error> {
+    let mut config = parse_url(&settings.url).expect("validated with the config");
+    config.connect_timeout(settings.connect_timeout);
+    config.keepalives_idle(Duration::from_secs(30));
+    config.application_name(application_name);
+    config.connect(tls()).await
+}
+
+/// SQLSTATE raised by the ops functions when the caller no longer holds a run's lease.
+pub const LEASE_LOST: &str = "OPL01";
+/// SQLSTATE raised by the ops functions for a run id that does not exist.
+pub const RUN_NOT_FOUND: &str = "OPN01";
+
+/// Returns the SQLSTATE of a database error, if the server sent one.
+pub fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
+    err.as_db_error().map(|db| db.code().code())
+}
+
+/// Tells whether retrying may succeed: the server could not be reached, the connection
+/// broke, or the server reported a passing condition (SQLSTATE classes 08 connection,
+/// 40 deadlock or serialization failure, 53 insufficient resources, 57 shutdown or
+/// cancel, 58 system error). Anything else is the server rejecting the statement.
+pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.as_db_error() {
+        None => true,
+        Some(db) => matches!(&db.code().code()[..2], "08" | "40" | "53" | "57" | "58"),
+    }
+}

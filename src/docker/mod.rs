@@ -1,0 +1,44 @@
+//! The Docker Engine API client.
+
+use bollard::{Docker, API_DEFAULT_VERSION};
+
+use crate::config::DockerSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("connecting to the Docker engine at {address} failed: {source}")]
+    Connect {
+        address: String,
+        source: bollard::errors::Error,
+    },
+    #[error("Docker engine at {address} is unreachable: {source}")]
+    Unreachable {
+        address: String,
+        source: bollard::errors::Error,
+    },
+}
+
+/// Connects to the engine and settles on the highest API version both sides speak: Debian's
+/// docker.io offers 1.41, droplets run newer engines.
+pub async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
+    let timeout = settings.timeout.as_secs();
+    let address = settings
+        .host
+        .clone()
+        .or_else(|| std::env::var("DOCKER_HOST").ok())
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+    let client = if let Some(path) = address.strip_prefix("unix://") {
+        Docker::connect_with_unix(path, timeout, API_DEFAULT_VERSION)
+    } else {
+        let http = address.replacen("tcp://", "http://", 1);
+        Docker::connect_with_http(&http, timeout, API_DEFAULT_VERSION)
+    }
+    .map_err(|source| DockerError::Connect {
+        address: address.clone(),
+        source,
+    })?;
+    client
+        .negotiate_version()
+        .await
+        .map_err(|source| DockerError::Unreachable { address, source })
+}

@@ -1,0 +1,303 @@
+//! The run queue: claiming, leases, heartbeats and finishing, over the ops.* functions.
+//!
+//! All queue SQL lives in this module. A claimed run carries a [`Lease`]; every write the
+//! agent makes for the run presents the lease token, and the database rejects it with
+//! SQLSTATE OPL01 once the lease has expired and the run was taken back. Workflows never
+//! see this module directly: they get a `RunContext`.
+
+pub mod listener;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::db;
+
+/// Proof that this agent holds a run: its id and the token of the current claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub run_id: Uuid,
+    pub token: Uuid,
+}
+
+/// A run this agent claimed.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub run_id: Uuid,
+    pub project_id: String,
+    pub env_id: String,
+    pub workflow: String,
+    pub git_sha: Option<String>,
+    pub git_ref: Option<String>,
+    pub metadata: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub lease: Lease,
+}
+
+impl ClaimedRun {
+    fn from_row(row: &Row) -> Result<ClaimedRun, tokio_postgres::Error> {
+        let run_id = row.try_get("run_id")?;
+        Ok(ClaimedRun {
+            run_id,
+            project_id: row.try_get("project_id")?,
+            env_id: row.try_get("env_id")?,
+            workflow: row.try_get("workflow")?,
+            git_sha: row.try_get("git_sha")?,
+            git_ref: row.try_get("git_ref")?,
+            metadata: row.try_get("metadata")?,
+            attempt: row.try_get("attempt")?,
+            max_attempts: row.try_get("max_attempts")?,
+            created_at: row.try_get("created_at")?,
+            lease: Lease {
+                run_id,
+                token: row.try_get("lease_token")?,
+            },
+        })
+    }
+}
+
+/// Final status of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalStatus {
+    Success,
+    Failed,
+    Cancelled,
+}
+
+impl FinalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Success => "success",
+            FinalStatus::Failed => "failed",
+            FinalStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why a queue call failed, classified by what the caller should do next.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The lease expired and the run was taken back: stop working on it, write nothing.
+    #[error("lease on run {run_id} is no longer held by this agent")]
+    LeaseLost { run_id: Uuid },
+    /// The database could not be reached or the connection broke: back off and retry.
+    #[error("control plane database unavailable: {0}")]
+    Unavailable(String),
+    /// The database rejected the call: retrying the same call will not help.
+    #[error("control plane rejected the call: {0}")]
+    Rejected(String),
+}
+
+impl QueueError {
+    fn from_pg(err: tokio_postgres::Error, run_id: Option<Uuid>) -> QueueError {
+        match (db::sqlstate(&err), run_id) {
+            (Some(db::LEASE_LOST), Some(run_id)) => QueueError::LeaseLost { run_id },
+            _ if db::is_transient(&err) => QueueError::Unavailable(err.to_string()),
+            _ => QueueError::Rejected(db_error_text(&err)),
+        }
+    }
+
+    fn from_pool(err: deadpool_postgres::PoolError) -> QueueError {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => QueueError::from_pg(err, None),
+            other => QueueError::Unavailable(other.to_string()),
+        }
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, QueueError::Unavailable(_))
+    }
+}
+
+/// The server's message for a database error, which tokio-postgres' Display omits.
+pub fn db_error_text(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}
+
+/// A run whose lease expired, as reported by the reaper.
+#[derive(Debug, Clone)]
+pub struct ReapedRun {
+    pub run_id: Uuid,
+    pub worker_id: Option<String>,
+    /// "requeued" or "failed".
+    pub action: String,
+}
+
+/// What this agent may claim and for how long.
+#[derive(Debug, Clone)]
+pub struct ClaimFilter {
+    pub worker_id: String,
+    /// `None` claims in every environment.
+    pub env_ids: Option<Vec<String>>,
+    pub workflows: Option<Vec<String>>,
+    pub lease: Duration,
+}
+
+/// The agent's handle on the control plane's queue.
+#[derive(Clone)]
+pub struct Queue {
+    pool: Pool,
+    filter: ClaimFilter,
+}
+
+impl Queue {
+    pub fn new(pool: Pool, filter: ClaimFilter) -> Queue {
+        Queue { pool, filter }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.filter.worker_id
+    }
+
+    fn lease_secs(&self) -> i32 {
+        self.filter.lease.as_secs().min(i32::MAX as u64) as i32
+    }
+
+    /// Whether this agent serves an environment, for filtering notifications.
+    pub fn serves_env(&self, env_id: &str) -> bool {
+        match &self.filter.env_ids {
+            None => true,
+            Some(ids) => ids.iter().any(|id| id == env_id),
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.pool.get().await.map_err(QueueError::from_pool)
+    }
+
+    /// Claims the oldest claimable run, if any. See ops.claim_next_run for how long its
+    /// row lock lives and what happens to the run if this agent dies.
+    pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
+            .await
+            .map_err(|err| QueueError::from_pg(err, None))?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &self.filter.worker_id,
+                    &self.filter.env_ids,
+                    &self.filter.workflows,
+                    &self.lease_secs(),
+                ],
+            )
+            .await
+            .map_err(|err| QueueError::from_pg(err, None))?;
+        row.map(|row| ClaimedRun::from_row(&row))
+            .transpose()
+            .map_err(|err| QueueError::Rejected(format!("unexpected claim row: {err}")))
+    }
+
+    /// Renews the lease. Returns whether cancellation of the run was requested.
+    pub async fn heartbeat(&self, lease: Lease) -> Result<bool, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
+            .await
+            .map_err(|err| QueueError::from_pg(err, None))?;
+        let row = client
+            .query_one(&statement, &[&lease.run_id, &lease.token, &self.lease_secs()])
+            .await
+            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        Ok(row.get(0))
+    }
+
+    /// Finishes the run and merges `metadata` into its metadata.
+    pub async fn finish(
+        &self,
+        lease: Lease,
+        status: FinalStatus,
+        metadata: &Value,
+    ) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT 1 FROM ops.finish_run($1, $2, $3, $4)")
+            .await
+            .map_err(|err| QueueError::from_pg(err, None))?;
+        client
+            .execute(
+                &statement,
+                &[&lease.run_id, &status.as_str(), metadata, &lease.token],
+            )
+            .await
+            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        Ok(())
+    }
+
+    /// Hands the run back to the queue without using up an attempt.
+    pub async fn release(&self, lease: Lease, reason: &str) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "SELECT ops.release_run($1, $2, $3)",
+                &[&lease.run_id, &lease.token, &reason],
+            )
+            .await
+            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        Ok(())
+    }
+
+    /// Takes back runs whose leases expired, from any agent.
+    pub async fn reap_expired(&self) -> Result<Vec<ReapedRun>, QueueError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT * FROM ops.reap_expired_runs()", &[])
+            .await
+            .map_err(|err| QueueError::from_pg(err, None))?;
+        Ok(rows
+            .iter()
+            .map(|row| ReapedRun {
+                run_id: row.get("run_id"),
+                worker_id: row.get("worker_id"),
+                action: row.get("action"),
+            })
+            .collect())
+    }
+
+    /// Records an artifact of a run this agent holds.
+    pub async fn add_artifact(&self, lease: Lease, artifact: &Artifact) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "SELECT 1 FROM ops.add_artifact($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &lease.run_id,
+                    &artifact.artifact_type,
+                    &artifact.storage_path,
+                    &artifact.digest,
+                    &artifact.size_bytes,
+                    &artifact.metadata,
+                    &lease.token,
+                ],
+            )
+            .await
+            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        Ok(())
+    }
+}
+
+/// A row for ops.artifacts.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// One of image, sbom, logs, evidence, manifest.
+    pub artifact_type: String,
+    pub storage_path: String,
+    pub digest: Option<String>,
+    pub size_bytes: Option<i64>,
+    pub metadata: Value,
+}
