@@ -6,12 +6,14 @@
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
 mod raw;
+mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
 pub use raw::RawConfig;
+pub use storage::{StorageBackend, StorageSettings, DEFAULT_ARTIFACT_DIR};
 
 /// Environment variable that overrides `database.url` for every subcommand.
 pub const DATABASE_URL_ENV: &str = "ODOOOPS_DATABASE_URL";
@@ -88,6 +90,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub docker: DockerSettings,
     pub log: LogSettings,
+    pub storage: StorageSettings,
 }
 
 #[derive(Debug, Clone)]

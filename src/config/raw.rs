@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub docker: RawDocker,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub storage: super::storage::RawStorage,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +74,7 @@ impl RawConfig {
             database: self.database.validate(database_url)?,
             docker: self.docker.validate()?,
             log: self.log.validate()?,
+            storage: self.storage.validate()?,
         })
     }
 }
