@@ -5,14 +5,18 @@
 //! config.example.toml documents the same keys. A bad value is reported with its key and
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
+mod build;
 mod raw;
+mod registry;
 mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
+pub use build::{BuildSettings, CommandLine, TestDatabaseSettings, DEFAULT_TEST_COMMAND};
 pub use raw::RawConfig;
+pub use registry::{is_path_component, is_registry_host, RegistrySettings};
 pub use storage::{StorageBackend, StorageSettings, DEFAULT_ARTIFACT_DIR};
 
 /// Environment variable that overrides `database.url` for every subcommand.
@@ -91,6 +95,9 @@ pub struct Settings {
     pub docker: DockerSettings,
     pub log: LogSettings,
     pub storage: StorageSettings,
+    pub build: BuildSettings,
+    /// `None` when no `[registry]` section is configured.
+    pub registry: Option<RegistrySettings>,
 }
 
 #[derive(Debug, Clone)]

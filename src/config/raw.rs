@@ -19,6 +19,10 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub storage: super::storage::RawStorage,
+    #[serde(default)]
+    pub build: super::build::RawBuild,
+    #[serde(default)]
+    pub registry: super::registry::RawRegistry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +79,8 @@ impl RawConfig {
             docker: self.docker.validate()?,
             log: self.log.validate()?,
             storage: self.storage.validate()?,
+            build: self.build.validate()?,
+            registry: self.registry.validate()?,
         })
     }
 }
