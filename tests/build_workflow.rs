@@ -44,7 +44,9 @@ impl Outcome {
     }
 
     fn has_event(&self, needle: &str) -> bool {
-        self.events.iter().any(|(_, message)| message.contains(needle))
+        self.events
+            .iter()
+            .any(|(_, message)| message.contains(needle))
     }
 
     fn all_events(&self) -> String {
@@ -124,9 +126,14 @@ impl Harness {
     }
 
     async fn run_agent(&self, settings: Arc<Settings>) {
-        agent::run(settings, Workflows::standard(), Mode::Once, Shutdown::default())
-            .await
-            .expect("the agent runs");
+        agent::run(
+            settings,
+            Workflows::standard(),
+            Mode::Once,
+            Shutdown::default(),
+        )
+        .await
+        .expect("the agent runs");
     }
 
     /// Queues a build, runs the agent until the queue is empty and reads the outcome.
@@ -139,7 +146,10 @@ impl Harness {
     async fn outcome(&self, run_id: Uuid) -> Outcome {
         let client = self.db.client().await;
         let row = client
-            .query_one("SELECT status, metadata FROM ops.runs WHERE run_id = $1", &[&run_id])
+            .query_one(
+                "SELECT status, metadata FROM ops.runs WHERE run_id = $1",
+                &[&run_id],
+            )
             .await
             .unwrap();
         let events = client
@@ -160,7 +170,10 @@ impl Harness {
         }
     }
 
-    async fn artifacts(&self, run_id: Uuid) -> Vec<(String, String, Option<String>, Option<i64>, Value)> {
+    async fn artifacts(
+        &self,
+        run_id: Uuid,
+    ) -> Vec<(String, String, Option<String>, Option<i64>, Value)> {
         self.db
             .client()
             .await
@@ -186,7 +199,11 @@ impl Harness {
         let containers = containers_labelled(&self.docker, "odooops.run_id", &run_id).await;
         assert!(containers.is_empty(), "containers left: {containers:?}");
         let workspace = self.work_dir().join(&run_id);
-        assert!(!workspace.exists(), "workspace left: {}", workspace.display());
+        assert!(
+            !workspace.exists(),
+            "workspace left: {}",
+            workspace.display()
+        );
 
         let admin = common::connect(&url_for_database(&common::server_url(), "postgres")).await;
         for (_, message) in &outcome.events {
@@ -219,7 +236,9 @@ impl Harness {
 fn read_gzip(path: &str) -> String {
     let file = std::fs::File::open(path.strip_prefix("file://").unwrap()).unwrap();
     let mut text = String::new();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut text).unwrap();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .unwrap();
     text
 }
 
@@ -232,7 +251,9 @@ async fn build_tests_and_pushes_both_tags() {
         .await;
 
     let settings = harness.settings(None, "");
-    let outcome = harness.build(settings, &repo.sha, "refs/heads/Feature/Login-Page").await;
+    let outcome = harness
+        .build(settings, &repo.sha, "refs/heads/Feature/Login-Page")
+        .await;
     assert_eq!(outcome.status, "success", "{}", outcome.all_events());
 
     let repository = harness.repository();
@@ -243,8 +264,14 @@ async fn build_tests_and_pushes_both_tags() {
 
     let tags = harness.registry.tags(&harness.image).await;
     assert!(tags.contains(&repo.sha), "{tags:?}");
-    assert!(tags.contains(&"feature-login-page-latest".to_string()), "{tags:?}");
-    let served = harness.registry.manifest_digest(&harness.image, &repo.sha).await;
+    assert!(
+        tags.contains(&"feature-login-page-latest".to_string()),
+        "{tags:?}"
+    );
+    let served = harness
+        .registry
+        .manifest_digest(&harness.image, &repo.sha)
+        .await;
     assert_eq!(served.as_deref(), Some(digest.as_str()));
 
     let artifacts = harness.artifacts(outcome.run_id).await;
@@ -255,7 +282,10 @@ async fn build_tests_and_pushes_both_tags() {
     assert_eq!(image_digest.as_deref(), Some(digest.as_str()));
     assert!(size.unwrap() > 0);
     assert!(metadata["layers"].as_u64().unwrap() >= 1, "{metadata}");
-    assert!(metadata["build_time_seconds"].as_f64().is_some(), "{metadata}");
+    assert!(
+        metadata["build_time_seconds"].as_f64().is_some(),
+        "{metadata}"
+    );
 
     let (kind, path, log_digest, _, _) = &artifacts[1];
     assert_eq!(kind, "logs");
@@ -269,8 +299,16 @@ async fn build_tests_and_pushes_both_tags() {
 
     assert!(outcome.has_event("Step 1/"), "{}", outcome.all_events());
     assert!(outcome.has_event("Starting test_000005"));
-    assert!(outcome.has_event("database odooops_build_"), "{}", outcome.all_events());
-    assert!(outcome.has_event("--db_password ***"), "{}", outcome.all_events());
+    assert!(
+        outcome.has_event("database odooops_build_"),
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.has_event("--db_password ***"),
+        "{}",
+        outcome.all_events()
+    );
     assert!(!outcome.has_event(&harness.registry.password));
     assert!(!log.contains(&harness.registry.password));
 
@@ -281,15 +319,27 @@ async fn build_tests_and_pushes_both_tags() {
 #[tokio::test]
 async fn failing_build_step_removes_intermediate_images() {
     let harness = Harness::new("badbuild").await;
-    let dockerfile = "FROM scratch\nCOPY unique.txt /\nCOPY bin /bin\nRUN [\"/bin/busybox\", \"false\"]\n";
+    let dockerfile =
+        "FROM scratch\nCOPY unique.txt /\nCOPY bin /bin\nRUN [\"/bin/busybox\", \"false\"]\n";
     let marker = Uuid::new_v4().to_string();
     let repo = Repo::create(&[("Dockerfile", dockerfile), ("unique.txt", &marker)]);
     harness.configure_project(&repo.url(), json!({})).await;
 
-    let outcome = harness.build(harness.settings(None, ""), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(None, ""), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "failed");
-    assert_eq!(outcome.metadata["failed_step"], "build", "{}", outcome.all_events());
-    assert!(outcome.error().contains("non-zero code"), "{}", outcome.error());
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "build",
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.error().contains("non-zero code"),
+        "{}",
+        outcome.error()
+    );
 
     let intermediates: Vec<&str> = outcome
         .events
@@ -299,7 +349,10 @@ async fn failing_build_step_removes_intermediate_images() {
         .collect();
     assert!(!intermediates.is_empty(), "{}", outcome.all_events());
     for id in intermediates {
-        assert!(!image_exists(&harness.docker, id).await, "intermediate {id} left");
+        assert!(
+            !image_exists(&harness.docker, id).await,
+            "intermediate {id} left"
+        );
     }
     let reference = format!("{}:{}", harness.repository(), repo.sha);
     assert!(!image_exists(&harness.docker, &reference).await);
@@ -314,16 +367,34 @@ async fn error_line_fails_tests_that_exit_zero() {
     let config = json!({ "test_env": { "TEST_MODE": "error_line" } });
     harness.configure_project(&repo.url(), config).await;
 
-    let outcome = harness.build(harness.settings(None, ""), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(None, ""), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "failed");
-    assert_eq!(outcome.metadata["failed_step"], "test", "{}", outcome.all_events());
-    assert!(outcome.error().contains("exited with code 0"), "{}", outcome.error());
-    assert!(outcome.error().contains("FAIL: TestSample.test_marker"), "{}", outcome.error());
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "test",
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.error().contains("exited with code 0"),
+        "{}",
+        outcome.error()
+    );
+    assert!(
+        outcome.error().contains("FAIL: TestSample.test_marker"),
+        "{}",
+        outcome.error()
+    );
     assert_eq!(outcome.metadata["test_failure_lines"], 1);
 
     assert!(harness.registry.tags(&harness.image).await.is_empty());
     let reference = format!("{}:{}", harness.repository(), repo.sha);
-    assert!(!image_exists(&harness.docker, &reference).await, "failed image kept");
+    assert!(
+        !image_exists(&harness.docker, &reference).await,
+        "failed image kept"
+    );
     let artifacts = harness.artifacts(outcome.run_id).await;
     let kinds: Vec<&str> = artifacts.iter().map(|a| a.0.as_str()).collect();
     assert_eq!(kinds, ["logs"]);
@@ -337,10 +408,16 @@ async fn nonzero_test_exit_code_fails_the_run() {
     let config = json!({ "test_env": { "TEST_MODE": "exit_code" } });
     harness.configure_project(&repo.url(), config).await;
 
-    let outcome = harness.build(harness.settings(None, ""), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(None, ""), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "failed");
     assert_eq!(outcome.metadata["failed_step"], "test");
-    assert!(outcome.error().contains("exited with code 4"), "{}", outcome.error());
+    assert!(
+        outcome.error().contains("exited with code 4"),
+        "{}",
+        outcome.error()
+    );
     harness.assert_nothing_left(&outcome).await;
 }
 
@@ -352,10 +429,16 @@ async fn test_timeout_kills_and_removes_the_container() {
     harness.configure_project(&repo.url(), config).await;
 
     let started = std::time::Instant::now();
-    let outcome = harness.build(harness.settings(None, ""), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(None, ""), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "failed");
     assert_eq!(outcome.metadata["failed_step"], "test");
-    assert!(outcome.error().contains("within 2 s"), "{}", outcome.error());
+    assert!(
+        outcome.error().contains("within 2 s"),
+        "{}",
+        outcome.error()
+    );
     assert!(started.elapsed().as_secs() < 60);
     harness.assert_nothing_left(&outcome).await;
 }
@@ -374,14 +457,27 @@ async fn unknown_or_malformed_sha_fails_before_building() {
 
     let outcome = harness.outcome(missing).await;
     assert_eq!(outcome.status, "failed");
-    assert_eq!(outcome.metadata["failed_step"], "fetch", "{}", outcome.all_events());
-    assert!(outcome.error().contains("was not found"), "{}", outcome.error());
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "fetch",
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.error().contains("was not found"),
+        "{}",
+        outcome.error()
+    );
     harness.assert_nothing_left(&outcome).await;
 
     let outcome = harness.outcome(malformed).await;
     assert_eq!(outcome.status, "failed");
     assert_eq!(outcome.metadata["failed_step"], "validate");
-    assert!(outcome.error().contains("invalid git sha"), "{}", outcome.error());
+    assert!(
+        outcome.error().contains("invalid git sha"),
+        "{}",
+        outcome.error()
+    );
 }
 
 #[tokio::test]
@@ -391,9 +487,16 @@ async fn wrong_registry_password_fails_the_push_without_leaking_it() {
     harness.configure_project(&repo.url(), json!({})).await;
     let wrong = format!("wrong-{}", Uuid::new_v4().simple());
 
-    let outcome = harness.build(harness.settings(Some(&wrong), ""), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(Some(&wrong), ""), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "failed");
-    assert_eq!(outcome.metadata["failed_step"], "push", "{}", outcome.all_events());
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "push",
+        "{}",
+        outcome.all_events()
+    );
     assert!(outcome.error().contains("pushing"), "{}", outcome.error());
     assert!(!outcome.metadata.to_string().contains(&wrong));
     assert!(!outcome.all_events().contains(&wrong));
@@ -401,7 +504,10 @@ async fn wrong_registry_password_fails_the_push_without_leaking_it() {
     let log = read_gzip(&artifacts[0].1);
     assert!(!log.contains(&wrong));
     let reference = format!("{}:{}", harness.repository(), repo.sha);
-    assert!(!image_exists(&harness.docker, &reference).await, "unpushed image kept");
+    assert!(
+        !image_exists(&harness.docker, &reference).await,
+        "unpushed image kept"
+    );
     harness.assert_nothing_left(&outcome).await;
 }
 
@@ -409,9 +515,15 @@ async fn wrong_registry_password_fails_the_push_without_leaking_it() {
 async fn dockerignore_keeps_excluded_files_out_of_the_image() {
     let harness = Harness::new("ignore").await;
     let repo = Repo::create(&[
-        (".dockerignore", "secret.txt\nnotes\n!notes/keep.txt\n*.log\n"),
+        (
+            ".dockerignore",
+            "secret.txt\nnotes\n!notes/keep.txt\n*.log\n",
+        ),
         ("secret.txt", "root secret"),
-        ("sub/secret.txt", "not matched: patterns are anchored at the root"),
+        (
+            "sub/secret.txt",
+            "not matched: patterns are anchored at the root",
+        ),
         ("notes/keep.txt", "kept by an exception"),
         ("notes/drop.txt", "excluded with its directory"),
         ("build.log", "excluded by *.log"),
@@ -419,10 +531,16 @@ async fn dockerignore_keeps_excluded_files_out_of_the_image() {
     let config = json!({ "test_env": { "TEST_MODE": "check_context" } });
     harness.configure_project(&repo.url(), config).await;
 
-    let outcome = harness.build(harness.settings(None, ""), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(None, ""), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "success", "{}", outcome.all_events());
     assert!(outcome.has_event("context checked"));
-    assert!(outcome.has_event("(3 excluded)"), "{}", outcome.all_events());
+    assert!(
+        outcome.has_event("(3 excluded)"),
+        "{}",
+        outcome.all_events()
+    );
     harness.assert_nothing_left(&outcome).await;
     harness.cleanup(&outcome).await;
 }
@@ -435,9 +553,20 @@ async fn unreachable_engine_fails_the_docker_step() {
     let socket = harness.tmp.path().join("missing.sock");
     let extra = format!("[docker]\nhost = \"unix://{}\"\n", socket.display());
 
-    let outcome = harness.build(harness.settings(None, &extra), &repo.sha, "main").await;
+    let outcome = harness
+        .build(harness.settings(None, &extra), &repo.sha, "main")
+        .await;
     assert_eq!(outcome.status, "failed");
-    assert_eq!(outcome.metadata["failed_step"], "docker", "{}", outcome.all_events());
-    assert!(outcome.error().contains("missing.sock"), "{}", outcome.error());
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "docker",
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.error().contains("missing.sock"),
+        "{}",
+        outcome.error()
+    );
     harness.assert_nothing_left(&outcome).await;
 }

@@ -47,15 +47,10 @@ impl Registry {
 
     /// Sends an authenticated request to the registry's HTTP API; returns the status,
     /// headers and body.
-    async fn request(
-        &self,
-        method: &str,
-        path: &str,
-    ) -> (u16, HashMap<String, String>, String) {
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build_http::<Empty<Bytes>>();
+    async fn request(&self, method: &str, path: &str) -> (u16, HashMap<String, String>, String) {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<Bytes>>();
         let credentials = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", self.user, self.password));
         let request = hyper::Request::builder()
@@ -76,7 +71,12 @@ impl Registry {
         let headers = response
             .headers()
             .iter()
-            .map(|(k, v)| (k.as_str().to_lowercase(), v.to_str().unwrap_or("").to_string()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_lowercase(),
+                    v.to_str().unwrap_or("").to_string(),
+                )
+            })
             .collect();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, headers, String::from_utf8_lossy(&body).into_owned())
@@ -85,7 +85,9 @@ impl Registry {
     /// Tags of `repository` (the path after the registry address), as the registry lists
     /// them.
     pub async fn tags(&self, repository: &str) -> Vec<String> {
-        let (status, _, body) = self.request("GET", &format!("/v2/{repository}/tags/list")).await;
+        let (status, _, body) = self
+            .request("GET", &format!("/v2/{repository}/tags/list"))
+            .await;
         if status == 404 {
             return Vec::new();
         }
@@ -93,7 +95,11 @@ impl Registry {
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         json["tags"]
             .as_array()
-            .map(|tags| tags.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+            .map(|tags| {
+                tags.iter()
+                    .map(|t| t.as_str().unwrap().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -281,5 +287,8 @@ pub async fn remove_images(docker: &Docker, references: &[String]) {
 
 /// A lowercase name unique to this test run, for image repositories.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
