@@ -77,7 +77,7 @@ impl BusyboxImage {
         }
     }
 
-    /// A container spec running `script` with busybox sh, labelled for this test.
+    /// Returns a container spec running `script` with busybox sh, labelled for this test.
     fn spec(&self, script: &str, timeout: Duration) -> ContainerSpec {
         ContainerSpec {
             image: self.reference.clone(),
@@ -275,7 +275,7 @@ async fn full_sha_is_fetched_from_a_local_path() {
 }
 
 #[tokio::test]
-async fn short_sha_on_another_branch_is_fetched_from_a_file_url() {
+async fn short_sha_on_branch_is_fetched() {
     let repo = Repo::create(&[]);
     let root = repo.dir.path();
     git(root, &["checkout", "--quiet", "-b", "feature"]);

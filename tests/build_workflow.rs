@@ -1,7 +1,7 @@
-//! The build workflow end to end: the real agent claims a build run from a fresh
-//! database, fetches a local git repository, builds through the real Docker engine, runs
-//! the tests against a throwaway database on the real PostgreSQL server, and pushes to a
-//! real registry with htpasswd auth.
+//! The build workflow end to end. The real agent claims a build run from a fresh
+//! database and fetches a local git repository. It builds through the real Docker engine,
+//! runs the tests against a throwaway database on the real PostgreSQL server, and pushes
+//! to a real registry with htpasswd auth.
 //!
 //! Needs ODOOOPS_DATABASE_URL, ODOOOPS_TEST_REGISTRY, ODOOOPS_TEST_REGISTRY_USER,
 //! ODOOOPS_TEST_REGISTRY_PASSWORD and ODOOOPS_TEST_BUSYBOX (see scripts/services).
@@ -81,7 +81,8 @@ impl Harness {
         self.tmp.path().join("artifacts")
     }
 
-    /// Agent settings; `password` replaces the registry password, `extra` is appended.
+    /// Builds agent settings. `password` replaces the registry password, and `extra` is
+    /// appended to the TOML.
     fn settings(&self, password: Option<&str>, extra: &str) -> Arc<Settings> {
         let admin_url = url_for_database(&common::server_url(), "postgres");
         self.db.settings(&format!(
@@ -481,7 +482,7 @@ async fn unknown_or_malformed_sha_fails_before_building() {
 }
 
 #[tokio::test]
-async fn wrong_registry_password_fails_the_push_without_leaking_it() {
+async fn wrong_registry_password_fails_push() {
     let harness = Harness::new("badpw").await;
     let repo = Repo::create(&[]);
     harness.configure_project(&repo.url(), json!({})).await;

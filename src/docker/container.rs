@@ -18,11 +18,11 @@ use crate::events::EventSink;
 
 use super::lines::LineSplitter;
 
-/// Longest wait for an engine call that should return at once (create, remove): an
+/// Maximum wait for an engine call that should return at once (create, remove). An
 /// engine that takes longer is stuck, and the run must not hang with it.
 pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Which output stream a line came from.
+/// The output stream of a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputStream {
     Stdout,
@@ -97,7 +97,7 @@ impl fmt::Debug for ContainerSpec {
     }
 }
 
-/// How a container that ran to the end exited.
+/// The exit status of a container that ran to the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerExit {
     pub exit_code: i64,

@@ -37,7 +37,7 @@ pub enum ContextError {
     Aborted,
 }
 
-/// What was sent.
+/// Counts of what an archive contains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ContextSummary {
     pub entries: u64,

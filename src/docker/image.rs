@@ -17,7 +17,7 @@ use super::container::{OutputSink, OutputStream, ENGINE_CALL_TIMEOUT};
 use super::context::{self, ContextError, ContextSummary};
 use super::lines::LineSplitter;
 
-/// What to build.
+/// A build request: context, Dockerfile, first tag and limits.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
     /// Directory sent as the build context.
@@ -75,9 +75,9 @@ pub enum ImageError {
 }
 
 /// Builds hold this lock shared, and removals of images hold it exclusively. Removing an
-/// image also removes its untagged parents, which may be the cached layers a concurrent
-/// build has just chosen as its next parent; the engine then fails that build with
-/// "unknown parent image ID". The lock keeps removals and builds of this process apart.
+/// image also removes its untagged parents, which may be cached layers that a concurrent
+/// build has just chosen as its next parent. The engine then fails that build with
+/// "unknown parent image ID", so the lock keeps removals and builds of this process apart.
 // NOTE: builds started by other processes on the same engine are not covered.
 static LAYERS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
@@ -147,7 +147,7 @@ pub async fn build(
     Ok(built)
 }
 
-/// What the build output told so far.
+/// State gathered from the build output so far.
 #[derive(Default)]
 struct BuildProgress {
     tag: String,
@@ -339,7 +339,7 @@ async fn follow_push(
     Ok(digest)
 }
 
-/// Whether a progress entry only counts bytes, which would flood the events.
+/// Checks whether a progress entry only counts bytes, which would flood the events.
 fn is_byte_progress(detail: Option<&ProgressDetail>) -> bool {
     detail.is_some_and(|d| d.current.is_some() || d.total.is_some())
 }
@@ -351,7 +351,7 @@ fn parse_digest(status: &str) -> Option<String> {
     digest.starts_with("sha256:").then(|| digest.to_string())
 }
 
-/// The engine's own message for an error, without bollard's wrapping.
+/// Returns the engine's own message for an error, without bollard's wrapping.
 fn engine_message(err: bollard::errors::Error) -> String {
     match err {
         bollard::errors::Error::DockerStreamError { error } => error,

@@ -103,7 +103,7 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The manifest digest the registry serves for `repository:tag`.
+    /// Returns the manifest digest the registry serves for `repository:tag`.
     pub async fn manifest_digest(&self, repository: &str, tag: &str) -> Option<String> {
         let path = format!("/v2/{repository}/manifests/{tag}");
         let (status, headers, _) = self.request("HEAD", &path).await;
@@ -125,11 +125,10 @@ COPY odoo /usr/bin/odoo
 COPY . /ctx
 ";
 
-/// Stand-in for Odoo's test run. It logs in Odoo's format, checks that the database
-/// server it was given accepts connections, and then does what TEST_MODE says:
-/// pass, error_line (an ERROR record and exit 0), exit_code (exit 4), sleep, or
-/// check_context (fail unless .dockerignore was honoured). TEST_LINES sets how many test
-/// lines pass prints.
+/// Stand-in for Odoo's test run. It logs in Odoo's format and checks that the database
+/// server in its arguments accepts connections. Then it acts on TEST_MODE: pass,
+/// error_line (an ERROR record and exit 0), exit_code (exit 4), sleep, or check_context
+/// (fail unless .dockerignore was honoured). TEST_LINES sets how many lines pass prints.
 pub const ODOO_SCRIPT: &str = r#"#!/bin/sh
 all_args="$*"
 db=""; host=""; port=""
@@ -182,6 +181,7 @@ impl Repo {
     pub fn create(extra: &[(&str, &str)]) -> Repo {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+
         write(root, "Dockerfile", DOCKERFILE);
         write(root, "odoo", ODOO_SCRIPT);
         make_executable(&root.join("odoo"));
@@ -191,6 +191,7 @@ impl Repo {
         for (path, contents) in extra {
             write(root, path, contents);
         }
+
         git(root, &["init", "--quiet", "--initial-branch=main"]);
         git(root, &["add", "--all"]);
         git(
@@ -267,7 +268,7 @@ pub async fn containers_labelled(docker: &Docker, key: &str, value: &str) -> Vec
         .collect()
 }
 
-/// Whether the engine has an image with this id or reference.
+/// Checks whether the engine has an image with this id or reference.
 pub async fn image_exists(docker: &Docker, reference: &str) -> bool {
     docker.inspect_image(reference).await.is_ok()
 }
@@ -285,7 +286,7 @@ pub async fn remove_images(docker: &Docker, references: &[String]) {
     }
 }
 
-/// A lowercase name unique to this test run, for image repositories.
+/// Returns a lowercase name unique to this test run, for image repositories.
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",

@@ -53,7 +53,7 @@ pub struct Build<'a> {
     local_refs: Vec<String>,
 }
 
-/// What the build step produced.
+/// The image that the build step produced, with its references.
 struct Image {
     commit: String,
     reference: String,

@@ -1,7 +1,7 @@
 //! Throwaway databases for test runs.
 //!
 //! Each test run gets a new role and a database it owns on the configured server, with a
-//! random password, so the test container never sees the admin credentials. Both are
+//! random password, so the admin credentials never reach the test container. Both are
 //! dropped afterwards, also when the run fails or is cancelled.
 
 use std::time::Duration;
@@ -92,7 +92,7 @@ impl TestDatabase {
         .collect()
     }
 
-    /// The password, for removing it from anything shown to users.
+    /// Returns the password, for removing it from anything shown to users.
     pub fn password(&self) -> &Secret {
         &self.password
     }
@@ -123,7 +123,7 @@ impl Drop for TestDatabase {
     }
 }
 
-/// Longest wait for creating or dropping a test database: PostgreSQL waits for locks
+/// Maximum wait for creating or dropping a test database. PostgreSQL waits for locks
 /// (such as another session on template1) instead of failing.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
