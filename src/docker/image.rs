@@ -328,7 +328,9 @@ async fn follow_push(
             return Err(push_error(message));
         }
         let Some(status) = info.status else { continue };
-        if is_byte_progress(info.progress_detail.as_ref()) {
+        // The stream carries no layer ids, so per-layer waiting states say nothing.
+        let waiting = matches!(status.as_str(), "Preparing" | "Waiting");
+        if waiting || is_byte_progress(info.progress_detail.as_ref()) {
             continue;
         }
         if let Some(found) = parse_digest(&status) {

@@ -179,7 +179,9 @@ impl<'a> Build<'a> {
             context_dir: self.workspace.path().join("source").join(&project.context),
             dockerfile: project.dockerfile.clone(),
             tag: reference.clone(),
-            labels: self.labels(&commit),
+            // The classic builder adds each label as a step of its own, with a container
+            // and a commit, and the tag already names the commit.
+            labels: HashMap::new(),
             pull: self.ctx.settings.build.pull,
             timeout: self.ctx.settings.build.build_timeout,
         };
