@@ -86,7 +86,7 @@ impl Harness {
     fn settings(&self, password: Option<&str>, extra: &str) -> Arc<Settings> {
         let admin_url = url_for_database(&common::server_url(), "postgres");
         self.db.settings(&format!(
-            "[agent]\nwork_dir = {work:?}\n\
+            "[agent]\nwork_dir = {work:?}\nworkflows = [\"build\"]\n\
              [storage]\nlocal_dir = {artifacts:?}\n\
              [registry]\nurl = {registry:?}\nusername = {user:?}\npassword = {password:?}\n\
              [build]\ntest_network = \"host\"\ntest_timeout_secs = 60\n\
@@ -566,6 +566,50 @@ async fn unreachable_engine_fails_the_docker_step() {
     );
     assert!(
         outcome.error().contains("missing.sock"),
+        "{}",
+        outcome.error()
+    );
+    harness.assert_nothing_left(&outcome).await;
+}
+
+#[tokio::test]
+async fn context_symlink_leaving_the_repository_fails() {
+    let harness = Harness::new("ctxlink").await;
+    let repo = Repo::create(&[]);
+    let root = repo.dir.path();
+    std::os::unix::fs::symlink("/etc", root.join("ctx")).unwrap();
+    build_support::git(root, &["add", "ctx"]);
+    build_support::git(
+        root,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t.invalid",
+            "commit",
+            "-qm",
+            "link",
+        ],
+    );
+    let sha = build_support::git(root, &["rev-parse", "HEAD"])
+        .trim()
+        .to_string();
+    harness
+        .configure_project(&repo.url(), json!({ "context": "ctx" }))
+        .await;
+
+    let outcome = harness
+        .build(harness.settings(None, ""), &sha, "main")
+        .await;
+    assert_eq!(outcome.status, "failed");
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "build",
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.error().contains("inside the repository"),
         "{}",
         outcome.error()
     );
