@@ -94,7 +94,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             logging::init(&settings.log);
             let mode = if once { Mode::Once } else { Mode::Daemon };
             let shutdown = Shutdown::default();
-            install_signal_handlers(shutdown.clone()).map_err(Failure::Other)?;
+            shutdown.on_signals().map_err(|err| {
+                Failure::Other(anyhow::anyhow!("installing signal handlers failed: {err}"))
+            })?;
             agent::run(Arc::new(settings), Workflows::standard(), mode, shutdown)
                 .await
                 .map(|_| ())
@@ -120,7 +122,9 @@ async fn run_migrations(settings: &Settings) -> Result<(), Failure> {
     let target = describe(settings)?;
     let (mut client, connection) = db::connect(&settings.database, "odooops-agent-migrate")
         .await
-        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}")))?;
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}"))
+        })?;
     tokio::spawn(connection);
     let applied = migrate::migrate(&mut client)
         .await
@@ -167,7 +171,10 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
              run `odooops-agent migrate`"
         )));
     }
-    println!("database: ok ({target}, schema version {})", version.unwrap_or(0));
+    println!(
+        "database: ok ({target}, schema version {})",
+        version.unwrap_or(0)
+    );
 
     let engine = docker::connect(&settings.docker)
         .await
@@ -183,25 +190,3 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
     );
     Ok(())
 }
-
-/// The first SIGTERM or SIGINT stops claiming and drains; a second one hands running
-/// runs back at once.
-fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if shutdown.drain.is_cancelled() {
-                    tracing::warn!(signal, "second stop signal; handing runs back now");
-                    shutdown.hand_back.cancel();
-                } else {
-                    tracing::info!(signal, "stop signal received; draining");
-                    shutdown.drain.cancel();
-                }
-            }
-        })?;
-    Ok(())
-}
-
