@@ -17,6 +17,12 @@ pub struct RawConfig {
     pub docker: RawDocker,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub storage: super::storage::RawStorage,
+    #[serde(default)]
+    pub build: super::build::RawBuild,
+    #[serde(default)]
+    pub registry: super::registry::RawRegistry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +80,9 @@ impl RawConfig {
             database: self.database.validate(database_url)?,
             docker: self.docker.validate()?,
             log: self.log.validate()?,
+            storage: self.storage.validate()?,
+            build: self.build.validate()?,
+            registry: self.registry.validate()?,
         })
     }
 }
