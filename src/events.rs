@@ -272,8 +272,16 @@ enum StoreError {
     Retry(String),
 }
 
-async fn store(pool: &Pool, lease: Lease, batch_id: Uuid, batch: &[Event]) -> Result<i32, StoreError> {
-    let client = pool.get().await.map_err(|err| StoreError::Retry(err.to_string()))?;
+async fn store(
+    pool: &Pool,
+    lease: Lease,
+    batch_id: Uuid,
+    batch: &[Event],
+) -> Result<i32, StoreError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|err| StoreError::Retry(err.to_string()))?;
     let statement = client
         .prepare_cached("SELECT ops.append_events($1, $2, $3, $4, $5, $6, $7)")
         .await
@@ -286,7 +294,15 @@ async fn store(pool: &Pool, lease: Lease, batch_id: Uuid, batch: &[Event]) -> Re
     let result = client
         .query_one(
             &statement,
-            &[&lease.run_id, &lease.token, &batch_id, &levels, &messages, &payloads, &times],
+            &[
+                &lease.run_id,
+                &lease.token,
+                &batch_id,
+                &levels,
+                &messages,
+                &payloads,
+                &times,
+            ],
         )
         .await;
     match result {

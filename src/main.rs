@@ -120,7 +120,9 @@ async fn run_migrations(settings: &Settings) -> Result<(), Failure> {
     let target = describe(settings)?;
     let (mut client, connection) = db::connect(&settings.database, "odooops-agent-migrate")
         .await
-        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}")))?;
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}"))
+        })?;
     tokio::spawn(connection);
     let applied = migrate::migrate(&mut client)
         .await
@@ -167,7 +169,10 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
              run `odooops-agent migrate`"
         )));
     }
-    println!("database: ok ({target}, schema version {})", version.unwrap_or(0));
+    println!(
+        "database: ok ({target}, schema version {})",
+        version.unwrap_or(0)
+    );
 
     let engine = docker::connect(&settings.docker)
         .await
@@ -204,4 +209,3 @@ fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
         })?;
     Ok(())
 }
-

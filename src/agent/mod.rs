@@ -195,13 +195,22 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
         _ = shutdown.hand_back.cancelled() => false,
     };
     if finished {
-        tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "runs finished");
+        tracing::info!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            "runs finished"
+        );
         return;
     }
-    tracing::warn!(runs = tasks.len(), "grace period over; handing running runs back");
+    tracing::warn!(
+        runs = tasks.len(),
+        "grace period over; handing running runs back"
+    );
     shutdown.hand_back.cancel();
     let handed_back = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(HAND_BACK_TIMEOUT, handed_back).await.is_err() {
+    if tokio::time::timeout(HAND_BACK_TIMEOUT, handed_back)
+        .await
+        .is_err()
+    {
         tracing::error!(
             runs = tasks.len(),
             "runs did not stop in time; their leases will expire and be reaped"

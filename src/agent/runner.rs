@@ -95,7 +95,15 @@ async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
     let result = run_workflow(&ctx, &shared, &stop).await;
     drop(ctx);
 
-    conclude(&shared.queue, lease, &events, stop.reason(), result, started).await;
+    conclude(
+        &shared.queue,
+        lease,
+        &events,
+        stop.reason(),
+        result,
+        started,
+    )
+    .await;
     shutdown_watch.abort();
     heartbeat.abort();
 }
@@ -140,19 +148,29 @@ async fn conclude(
             return;
         }
         (Some(StopReason::Shutdown), _) => {
-            events.warn("Agent is shutting down; handing the run back").await;
+            events
+                .warn("Agent is shutting down; handing the run back")
+                .await;
             if let FlushOutcome::Flushed { .. } = events.flush().await {
                 let reason = format!("agent {} stopped", queue.worker_id());
-                report(queue.release(lease, &reason).await, "handed back to the queue");
+                report(
+                    queue.release(lease, &reason).await,
+                    "handed back to the queue",
+                );
             }
             return;
         }
         (Some(StopReason::CancelRequested), _) => {
             events.warn("Run cancelled on request").await;
-            (FinalStatus::Cancelled, json!({ "error": "cancelled on request" }))
+            (
+                FinalStatus::Cancelled,
+                json!({ "error": "cancelled on request" }),
+            )
         }
         (None, Ok(metadata)) => {
-            events.info(format!("Run succeeded in {elapsed:.1} s")).await;
+            events
+                .info(format!("Run succeeded in {elapsed:.1} s"))
+                .await;
             (FinalStatus::Success, metadata)
         }
         (None, Err(failure)) => {

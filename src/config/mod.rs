@@ -5,12 +5,14 @@
 //! config.example.toml documents the same keys. A bad value is reported with its key and
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
+mod deploy;
 mod raw;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
+pub use deploy::{DeploySettings, RegistryCredentials};
 pub use raw::RawConfig;
 
 /// Environment variable that overrides `database.url` for every subcommand.
@@ -88,6 +90,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub docker: DockerSettings,
     pub log: LogSettings,
+    pub deploy: DeploySettings,
 }
 
 #[derive(Debug, Clone)]

@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub docker: RawDocker,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub deploy: super::deploy::RawDeploy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,7 +64,9 @@ impl RawConfig {
     /// Validates every section, taking the database URL from ODOOOPS_DATABASE_URL when it
     /// is set.
     pub fn validate(self) -> Result<Settings, ConfigError> {
-        let url_override = std::env::var(DATABASE_URL_ENV).ok().filter(|v| !v.is_empty());
+        let url_override = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|v| !v.is_empty());
         self.validate_with(url_override)
     }
 
@@ -72,6 +76,7 @@ impl RawConfig {
             database: self.database.validate(database_url)?,
             docker: self.docker.validate()?,
             log: self.log.validate()?,
+            deploy: self.deploy.validate()?,
         })
     }
 }
@@ -158,7 +163,9 @@ impl RawAgent {
                 0,
                 86_400,
             )?,
-            work_dir: self.work_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
+            work_dir: self
+                .work_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
         })
     }
 }
@@ -176,7 +183,10 @@ fn validate_workflows(list: Vec<String>) -> Result<Vec<String>, ConfigError> {
             return Err(ConfigError::invalid(
                 "agent.workflows",
                 format!("{workflow:?}"),
-                format!("unknown workflow; expected one of {}", KNOWN_WORKFLOWS.join(", ")),
+                format!(
+                    "unknown workflow; expected one of {}",
+                    KNOWN_WORKFLOWS.join(", ")
+                ),
             ));
         }
     }
@@ -200,14 +210,15 @@ impl RawDatabase {
     fn validate(self, url_override: Option<String>) -> Result<DatabaseSettings, ConfigError> {
         let url = match url_override {
             Some(url) => Secret::new(url),
-            None => secret("database.url", &self.url, &self.url_env, &self.url_file)?
-                .ok_or_else(|| ConfigError::Missing {
+            None => secret("database.url", &self.url, &self.url_env, &self.url_file)?.ok_or_else(
+                || ConfigError::Missing {
                     key: "database.url".into(),
                     reason: format!(
                         "set database.url, database.url_env or database.url_file, \
                          or the {DATABASE_URL_ENV} environment variable"
                     ),
-                })?,
+                },
+            )?,
         };
         crate::db::parse_url(&url).map_err(|reason| ConfigError::Invalid {
             key: "database.url".into(),

@@ -17,7 +17,10 @@ fn empty_config_uses_documented_defaults() {
     let settings = parse("").unwrap();
     assert_eq!(settings.agent.concurrency, DEFAULT_CONCURRENCY);
     assert_eq!(settings.agent.lease, DEFAULT_LEASE);
-    assert_eq!(settings.agent.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    assert_eq!(
+        settings.agent.heartbeat_interval,
+        DEFAULT_HEARTBEAT_INTERVAL
+    );
     assert_eq!(settings.agent.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     assert_eq!(settings.agent.workflows.len(), KNOWN_WORKFLOWS.len());
     assert!(settings.agent.environments.is_empty());

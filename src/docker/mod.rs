@@ -1,5 +1,8 @@
 //! The Docker Engine API client.
 
+pub mod oneshot;
+pub mod pull;
+
 use bollard::{Docker, API_DEFAULT_VERSION};
 
 use crate::config::DockerSettings;

@@ -211,7 +211,10 @@ impl Queue {
             .await
             .map_err(|err| QueueError::from_pg(err, None))?;
         let row = client
-            .query_one(&statement, &[&lease.run_id, &lease.token, &self.lease_secs()])
+            .query_one(
+                &statement,
+                &[&lease.run_id, &lease.token, &self.lease_secs()],
+            )
             .await
             .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
         Ok(row.get(0))

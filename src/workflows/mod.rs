@@ -5,6 +5,8 @@
 //! finishing) stay in the agent; a workflow only watches `ctx.cancel` and cleans up what
 //! it started when it fires.
 
+pub mod deploy;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -127,6 +129,10 @@ impl Workflows {
 
     /// The workflows this binary implements.
     pub fn standard() -> Workflows {
-        Workflows::new()
+        let mut workflows = Workflows::new();
+        workflows.register("deploy", deploy::DeployWorkflow);
+        workflows.register("promote", deploy::DeployWorkflow);
+        workflows.register("rollback", deploy::DeployWorkflow);
+        workflows
     }
 }
