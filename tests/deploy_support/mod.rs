@@ -372,8 +372,19 @@ async fn remove_container(docker: &Docker, name: &str) {
 /// Removes the test's containers, volume and images.
 async fn clean_up(name: String, repo: String) {
     let docker = docker().await;
-    for suffix in ["", "-previous", "-update"] {
-        remove_container(&docker, &format!("{name}{suffix}")).await;
+    let filters = HashMap::from([("name".to_string(), vec![name.clone()])]);
+    let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let containers = docker
+        .list_containers(Some(options))
+        .await
+        .unwrap_or_default();
+    for container in containers {
+        if let Some(id) = container.id {
+            remove_container(&docker, &id).await;
+        }
     }
     let options = RemoveVolumeOptionsBuilder::default().force(true).build();
     let _ = docker
