@@ -293,3 +293,35 @@ async fn pull_without_credentials_fails_before_the_container() {
     assert!(running);
     assert_eq!(id, live_id);
 }
+
+#[tokio::test]
+async fn agent_rejects_prod_run_that_skipped_approval() {
+    let site = Site::new().await;
+    add_environment(&site, "env-prod").await;
+    let client = site.db.client().await;
+    client
+        .batch_execute("ALTER TABLE ops.runs DISABLE TRIGGER runs_require_approval")
+        .await
+        .unwrap();
+    let metadata = json!({"workflow": "deploy", "triggered_by": "ann"});
+    let run = site.queue("env-prod", "v1", metadata).await;
+    client
+        .batch_execute("ALTER TABLE ops.runs ENABLE TRIGGER runs_require_approval")
+        .await
+        .unwrap();
+
+    site.run_agent("").await;
+
+    let (status, metadata) = site.run(run).await;
+    assert_eq!(status, "failed");
+    assert_eq!(metadata["failed_step"], "approvals");
+    let error = metadata["error"].as_str().unwrap();
+    assert!(
+        error.contains("requires 2 approvals but the run has 0"),
+        "{error}"
+    );
+    assert!(site
+        .container_state(&format!("{}-prod", site.name))
+        .await
+        .is_none());
+}
