@@ -21,11 +21,18 @@ pub struct Migration {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "control_plane",
-    sql: include_str!("../migrations/0001_control_plane.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "control_plane",
+        sql: include_str!("../migrations/0001_control_plane.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "approvals_and_branch_rules",
+        sql: include_str!("../migrations/0003_approvals_and_branch_rules.sql"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

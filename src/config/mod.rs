@@ -6,6 +6,7 @@
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
 mod build;
+mod deploy;
 mod raw;
 mod registry;
 mod storage;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
 pub use build::{BuildSettings, CommandLine, TestDatabaseSettings, DEFAULT_TEST_COMMAND};
+pub use deploy::{DeploySettings, RegistryCredentials};
 pub use raw::RawConfig;
 pub use registry::{is_path_component, is_registry_host, RegistrySettings};
 pub use storage::{StorageBackend, StorageSettings, DEFAULT_ARTIFACT_DIR};
@@ -98,6 +100,7 @@ pub struct Settings {
     pub build: BuildSettings,
     /// `None` when no `[registry]` section is configured.
     pub registry: Option<RegistrySettings>,
+    pub deploy: DeploySettings,
 }
 
 #[derive(Debug, Clone)]

@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub build: super::build::RawBuild,
     #[serde(default)]
     pub registry: super::registry::RawRegistry,
+    pub deploy: super::deploy::RawDeploy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +84,7 @@ impl RawConfig {
             storage: self.storage.validate()?,
             build: self.build.validate()?,
             registry: self.registry.validate()?,
+            deploy: self.deploy.validate()?,
         })
     }
 }

@@ -8,6 +8,9 @@ pub mod ignore;
 pub mod image;
 pub mod lines;
 
+pub mod oneshot;
+pub mod pull;
+
 use bollard::{Docker, API_DEFAULT_VERSION};
 
 use crate::config::DockerSettings;

@@ -6,6 +6,7 @@
 //! it started when it fires.
 
 pub mod build;
+pub mod deploy;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -131,6 +132,9 @@ impl Workflows {
     pub fn standard() -> Workflows {
         let mut workflows = Workflows::new();
         workflows.register("build", build::BuildWorkflow::new());
+        workflows.register("deploy", deploy::DeployWorkflow);
+        workflows.register("promote", deploy::DeployWorkflow);
+        workflows.register("rollback", deploy::DeployWorkflow);
         workflows
     }
 }

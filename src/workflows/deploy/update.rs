@@ -1,0 +1,141 @@
+//! The module update: `odoo -u` in a one-off container from the new image, judged by its
+//! exit code and by the ERROR and CRITICAL lines of its log.
+
+use std::time::Instant;
+
+use anyhow::bail;
+use bollard::Docker;
+use tokio_util::sync::CancellationToken;
+
+use super::container::{self, Labels};
+use super::env_config::{EnvConfig, Modules};
+use crate::docker::oneshot;
+use crate::events::{EventSink, Level};
+
+/// Error lines quoted in the failure message; the events keep all of them.
+const QUOTED_ERROR_LINES: usize = 5;
+
+/// The level of an Odoo log line ("2024-05-01 10:00:00,123 42 ERROR db logger: ..."),
+/// or `None` for lines in another format, such as traceback lines.
+pub fn odoo_log_level(line: &str) -> Option<&str> {
+    let mut fields = line.split_whitespace();
+    let date = fields.next()?;
+    let looks_like_date =
+        date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-';
+    if !looks_like_date {
+        return None;
+    }
+    let level = fields.nth(2)?;
+    ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+        .contains(&level)
+        .then_some(level)
+}
+
+fn is_failure_line(line: &str) -> bool {
+    matches!(odoo_log_level(line), Some("ERROR" | "CRITICAL"))
+}
+
+/// What the update needs besides the environment's config.
+pub struct UpdateRequest<'a> {
+    pub config: &'a EnvConfig,
+    pub image: &'a str,
+    pub db_name: &'a str,
+    pub modules: &'a Modules,
+    pub labels: &'a Labels,
+    pub env: &'a [String],
+}
+
+/// Runs the update and fails unless it exited 0 without ERROR or CRITICAL lines. Every
+/// output line becomes an event, error lines at level error.
+pub async fn update_modules(
+    docker: &Docker,
+    request: UpdateRequest<'_>,
+    events: &EventSink,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let command = container::update_command(request.config, request.db_name, request.modules);
+    let body = container::update_body(
+        request.config,
+        request.image,
+        request.labels,
+        request.env,
+        command.clone(),
+    );
+    let name = request.config.update_name();
+    events
+        .info(format!(
+            "Updating modules {} with {}",
+            request.modules.argument(),
+            request.image
+        ))
+        .await;
+    tracing::info!(container = %name, modules = %request.modules.argument(), "module update started");
+    let started = Instant::now();
+
+    let mut error_lines: Vec<String> = Vec::new();
+    let mut lines = 0u64;
+    let code = oneshot::run_to_completion(
+        docker,
+        &name,
+        body,
+        request.config.update_timeout,
+        cancel,
+        |line| {
+            lines += 1;
+            let level = if is_failure_line(&line) {
+                error_lines.push(line.clone());
+                Level::Error
+            } else {
+                Level::Info
+            };
+            let events = events.clone();
+            async move { events.send(level, line, None).await }
+        },
+    )
+    .await?;
+
+    let elapsed = started.elapsed().as_secs_f64();
+    tracing::info!(container = %name, exit_code = code, elapsed_s = elapsed, "module update finished");
+    if code != 0 || !error_lines.is_empty() {
+        let quoted: Vec<&str> = error_lines
+            .iter()
+            .take(QUOTED_ERROR_LINES)
+            .map(String::as_str)
+            .collect();
+        bail!(
+            "module update exited with code {code} after {elapsed:.1} s and logged {} ERROR or \
+             CRITICAL lines{}{}",
+            error_lines.len(),
+            if quoted.is_empty() { "" } else { ": " },
+            quoted.join(" | ")
+        );
+    }
+    events
+        .info(format!(
+            "Module update finished in {elapsed:.1} s ({lines} log lines)"
+        ))
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odoo_levels_are_read_from_the_fourth_field() {
+        let line = "2024-05-01 10:00:00,123 42 ERROR prod odoo.modules.registry: Failed";
+        assert_eq!(odoo_log_level(line), Some("ERROR"));
+        let line = "2024-05-01 10:00:00,123 42 CRITICAL prod odoo.service.server: Failed";
+        assert!(is_failure_line(line));
+        let line = "2024-05-01 10:00:00,123 42 INFO prod odoo: ERROR in a message is fine";
+        assert!(!is_failure_line(line));
+    }
+
+    #[test]
+    fn lines_in_other_formats_have_no_level() {
+        assert_eq!(odoo_log_level("Traceback (most recent call last):"), None);
+        assert_eq!(odoo_log_level("ERROR: something"), None);
+        assert_eq!(odoo_log_level(""), None);
+    }
+}
