@@ -17,9 +17,32 @@ use crate::secret::Secret;
 
 /// Parses a PostgreSQL URL or key=value connection string. The error never repeats
 /// the input.
+///
+/// TLS certificates are always verified against the system's CA store. A server on
+/// loopback or a Unix socket, whose URL does not set sslmode, is reached without TLS:
+/// local servers usually have a self-signed certificate, and the traffic never leaves
+/// the machine.
 pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, String> {
-    tokio_postgres::Config::from_str(url.expose())
-        .map_err(|err| format!("not a PostgreSQL connection string: {err}"))
+    let mut config = tokio_postgres::Config::from_str(url.expose())
+        .map_err(|err| format!("not a PostgreSQL connection string: {err}"))?;
+    if !url.expose().contains("sslmode") && is_local(&config) {
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    Ok(config)
+}
+
+fn is_local(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
 }
 
 /// Describes where a connection goes, without the password.

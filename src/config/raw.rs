@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub build: super::build::RawBuild,
     #[serde(default)]
     pub registry: super::registry::RawRegistry,
+    #[serde(default)]
     pub deploy: super::deploy::RawDeploy,
 }
 

@@ -145,6 +145,23 @@ async fn store_log(
     Ok(stored.location)
 }
 
+/// Queues the deploy that the branch rules give for the built branch, and records its run
+/// id as `deploy_run_id`.
+async fn queue_deploy(ctx: &RunContext, metadata: &mut Value) -> Result<(), StepError> {
+    let image = metadata
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let deploy = crate::workflows::deploy::queue_deploy_after_build(ctx, &image)
+        .await
+        .step("queue deploy")?;
+    if let (Some(run_id), Value::Object(fields)) = (deploy, metadata) {
+        fields.insert("deploy_run_id".into(), Value::String(run_id.to_string()));
+    }
+    Ok(())
+}
+
 /// Combines the steps' result with the log's: a run whose steps succeeded fails if its
 /// log could not be stored, and a failed run keeps its own error.
 async fn conclude(
@@ -157,6 +174,7 @@ async fn conclude(
             if let Value::Object(fields) = &mut metadata {
                 fields.insert("logs".into(), Value::String(location));
             }
+            queue_deploy(ctx, &mut metadata).await?;
             Ok(metadata)
         }
         (Ok(_), Err(err)) => Err(StepError::new("logs", err)),
