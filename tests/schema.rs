@@ -228,7 +228,9 @@ async fn queue_run_takes_env_type_or_id() {
     assert_eq!(by_id[0].get::<_, String>("env_id"), "env-prod");
     assert_eq!(by_id[0].get::<_, String>("workflow"), "deploy");
     assert_eq!(by_id[0].get::<_, i32>("max_attempts"), 2);
-    assert_eq!(by_id[0].get::<_, String>("status"), "queued");
+    assert_eq!(by_type[0].get::<_, String>("status"), "queued");
+    // Production deploys wait for their reviewers.
+    assert_eq!(by_id[0].get::<_, String>("status"), "pending_approval");
     assert_eq!(
         by_id[0].get::<_, Option<String>>("git_sha").as_deref(),
         Some("f00d")
