@@ -110,7 +110,7 @@ impl QueueError {
     fn from_pg(err: tokio_postgres::Error, run_id: Option<Uuid>) -> QueueError {
         match (db::sqlstate(&err), run_id) {
             (Some(db::LEASE_LOST), Some(run_id)) => QueueError::LeaseLost { run_id },
-            _ if db::is_transient(&err) => QueueError::Unavailable(err.to_string()),
+            _ if db::is_transient(&err) => QueueError::Unavailable(db_error_text(&err)),
             _ => QueueError::Rejected(db_error_text(&err)),
         }
     }
@@ -127,12 +127,20 @@ impl QueueError {
     }
 }
 
-/// The server's message for a database error, which tokio-postgres' Display omits.
+/// Describes a database error with what tokio-postgres' Display omits: the server's
+/// message and SQLSTATE, or the chain of causes, such as "Connection refused".
 pub fn db_error_text(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => err.to_string(),
+    if let Some(db) = err.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
     }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
 }
 
 /// A run whose lease expired, as reported by the reaper.
