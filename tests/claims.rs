@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::agents::{self, RunningAgent};
 use common::runs;
-use common::workflows::{self, NeedsMetadata, Panic, Record, Returns, Succeed};
+use common::workflows::{self, Gauge, NeedsMetadata, Panic, Record, Returns, Succeed};
 use common::{wait, TestDb};
 use odooops_agent::agent::{self, Mode, Shutdown};
 use odooops_agent::queue::{ClaimFilter, FinalStatus, Queue};
@@ -228,7 +230,7 @@ async fn unknown_workflow_fails_and_agent_continues() {
 }
 
 #[tokio::test]
-async fn malformed_metadata_fails_the_run_naming_the_field() {
+async fn malformed_metadata_fails_naming_field() {
     let db = TestDb::new().await;
     db.seed_project().await;
     let client = db.client().await;
@@ -358,7 +360,7 @@ async fn non_object_result_is_stored_under_result() {
 }
 
 #[tokio::test]
-async fn unstorable_result_fails_the_run_instead_of_retrying() {
+async fn unstorable_result_fails_the_run() {
     let db = TestDb::new().await;
     db.seed_project().await;
     let client = db.client().await;
@@ -391,4 +393,30 @@ async fn unstorable_result_fails_the_run_instead_of_retrying() {
     let last = events.last().expect("events");
     assert_eq!(last.level, "error");
     assert_eq!(last.message, error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limits_runs_in_progress() {
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    runs::queue_many(&client, "env-dev", "build", 6).await;
+    let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let gauge = Gauge {
+        hold: Duration::from_millis(300),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        max_in_flight: max_in_flight.clone(),
+    };
+
+    let summary = agent::run(
+        agents::settings(&db.url, &agents::config("agent-a", "concurrency = 2")),
+        agents::only("build", gauge),
+        Mode::Once,
+        Shutdown::default(),
+    )
+    .await
+    .expect("agent");
+
+    assert_eq!(summary.claimed, 6);
+    assert_eq!(max_in_flight.load(Ordering::SeqCst), 2);
 }

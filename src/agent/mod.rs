@@ -22,7 +22,7 @@ pub use shutdown::Shutdown;
 /// Longest pause between claim attempts while the database is unreachable.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(30);
 /// Consecutive failed claims after which [`Mode::Once`] gives up, after about 13 s of
-/// backoff: a cron job should fail and report rather than wait for the database forever.
+/// backoff, because a cron job should fail and report rather than wait forever.
 const ONCE_MAX_CLAIM_FAILURES: u32 = 8;
 /// How long handed-back runs get to write their last events and release their leases.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(45);

@@ -252,8 +252,8 @@ async fn conclude(
     report(result, status.as_str());
 }
 
-/// Makes a workflow's result mergeable into the run's metadata, which is a JSON object:
-/// null adds nothing and any other non-object value is stored under "result".
+/// Makes a workflow's result mergeable into the run's metadata, which must be a JSON
+/// object. Null adds nothing, and any other non-object value is stored under "result".
 fn as_object(metadata: Value) -> Value {
     match metadata {
         Value::Object(_) => metadata,
