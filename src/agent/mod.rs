@@ -141,12 +141,15 @@ async fn claim_loop(
         if shutdown.is_stopping() {
             break;
         }
+        // The database starts the lease after this instant, so a lease deadline counted
+        // from it is never later than the database's.
+        let claimed_at = Instant::now();
         match shared.queue.claim().await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
                 failures = 0;
                 backoff = Duration::from_millis(100);
-                tasks.spawn(runner::execute(run, shared.clone(), permit));
+                tasks.spawn(runner::execute(run, claimed_at, shared.clone(), permit));
             }
             Ok(None) => {
                 drop(permit);

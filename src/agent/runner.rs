@@ -48,8 +48,14 @@ impl Stop {
     }
 }
 
-/// Runs the claimed run to its end. The permit is the concurrency slot it occupies.
-pub async fn execute(run: ClaimedRun, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+/// Runs the claimed run to its end. `claimed_at` is when the claim was sent, and the
+/// permit is the concurrency slot the run occupies.
+pub async fn execute(
+    run: ClaimedRun,
+    claimed_at: Instant,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!(
         "run",
         run.id = %run.run_id,
@@ -57,15 +63,17 @@ pub async fn execute(run: ClaimedRun, shared: Arc<Shared>, _permit: OwnedSemapho
         env.id = %run.env_id,
         attempt = run.attempt,
     );
-    execute_in_span(run, shared).instrument(span).await
+    execute_in_span(run, claimed_at, shared)
+        .instrument(span)
+        .await
 }
 
-async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
+async fn execute_in_span(run: ClaimedRun, claimed_at: Instant, shared: Arc<Shared>) {
     let started = Instant::now();
     let lease = run.lease;
     let stop = Arc::new(Stop::default());
     let events = EventSink::start(shared.queue.pool().clone(), lease);
-    let _watchers = watch_over(&run, &shared, &stop);
+    let _watchers = watch_over(&run, claimed_at, &shared, &stop);
 
     tracing::info!("run started");
     events
@@ -100,11 +108,16 @@ async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
 
 /// Starts the tasks that renew the lease and turn a hand-back request into a stop. They
 /// end when the returned handles are dropped, even when the run task unwinds.
-fn watch_over(run: &ClaimedRun, shared: &Shared, stop: &Arc<Stop>) -> [AbortOnDropHandle<()>; 2] {
+fn watch_over(
+    run: &ClaimedRun,
+    claimed_at: Instant,
+    shared: &Shared,
+    stop: &Arc<Stop>,
+) -> [AbortOnDropHandle<()>; 2] {
     let heartbeat = tokio::spawn(keep_lease(
         shared.queue.clone(),
         run.lease,
-        run.claimed_at,
+        claimed_at,
         shared.settings.agent.heartbeat_interval,
         shared.settings.agent.lease,
         stop.clone(),

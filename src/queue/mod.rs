@@ -7,7 +7,7 @@
 
 pub mod listener;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -46,13 +46,10 @@ pub struct ClaimedRun {
     pub max_attempts: i32,
     pub created_at: DateTime<Utc>,
     pub lease: Lease,
-    /// When this agent sent the claim. The database set the lease to expire no earlier
-    /// than the lease length after this instant.
-    pub claimed_at: Instant,
 }
 
 impl ClaimedRun {
-    fn from_row(row: &Row, claimed_at: Instant) -> Result<ClaimedRun, tokio_postgres::Error> {
+    fn from_row(row: &Row) -> Result<ClaimedRun, tokio_postgres::Error> {
         let run_id = row.try_get("run_id")?;
         Ok(ClaimedRun {
             run_id,
@@ -69,7 +66,6 @@ impl ClaimedRun {
                 run_id,
                 token: row.try_get("lease_token")?,
             },
-            claimed_at,
         })
     }
 }
@@ -218,7 +214,6 @@ impl Queue {
     /// row lock lives and what happens to the run if this agent dies.
     pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
         let filter = &self.filter;
-        let claimed_at = Instant::now();
         let client = self.client().await?;
         let outcome = timeout(CALL_TIMEOUT, async {
             let statement = client
@@ -234,7 +229,7 @@ impl Queue {
         })
         .await;
         let row = Queue::answer(client, outcome, None)?;
-        row.map(|row| ClaimedRun::from_row(&row, claimed_at))
+        row.map(|row| ClaimedRun::from_row(&row))
             .transpose()
             .map_err(|err| QueueError::Rejected(format!("unexpected claim row: {err}")))
     }
