@@ -210,6 +210,21 @@ async fn stale_agents_writes_are_rejected_after_reclaim() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&direct), "OPL01");
+    let fenced = [
+        "SELECT ops.heartbeat_run($1, $2)",
+        "SELECT * FROM ops.finish_run(p_run_id => $1, p_status => 'failed',
+                                      p_lease_token => $2)",
+        "SELECT * FROM ops.add_artifact(p_run_id => $1, p_artifact_type => 'logs',
+                                        p_storage_path => 's3://b/x', p_lease_token => $2)",
+        "SELECT ops.release_run($1, $2, 'stale')",
+    ];
+    for sql in fenced {
+        let err = client
+            .query(sql, &[&run_id, &old.lease.token])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "OPL01", "{sql}");
+    }
 
     let events = runs::events(&client, run_id).await;
     let messages = runs::messages(&events);
