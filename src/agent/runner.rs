@@ -327,23 +327,22 @@ async fn keep_lease(
         tokio::time::sleep(wait).await;
         let sent_at = Instant::now();
         let remaining = deadline.saturating_duration_since(sent_at);
-        match tokio::time::timeout(remaining, queue.heartbeat(lease)).await {
-            Ok(Ok(cancel_requested)) => {
+        match queue.heartbeat_within(lease, remaining).await {
+            Ok(cancel_requested) => {
                 deadline = sent_at + lease_length;
                 wait = interval;
                 if cancel_requested {
                     stop.request(StopReason::CancelRequested);
                 }
             }
-            Ok(Err(QueueError::LeaseLost { .. })) => {
+            Err(QueueError::LeaseLost { .. }) => {
                 stop.request(StopReason::LeaseLost);
                 return;
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 tracing::warn!(error = %err, "renewing the lease failed; retrying");
                 wait = interval.min(Duration::from_secs(1));
             }
-            Err(_) => tracing::warn!("renewing the lease timed out"),
         }
         // Past the deadline another agent may hold the run.
         if Instant::now() >= deadline {

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::time::error::Elapsed;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -194,14 +194,15 @@ impl Queue {
         self.pool.get().await.map_err(QueueError::from_pool)
     }
 
-    /// Maps the outcome of a call raced against [`CALL_TIMEOUT`]. `run_id` turns
-    /// SQLSTATE OPL01 into [`QueueError::LeaseLost`] for that run.
+    /// Maps the outcome of a call raced against `limit`. `run_id` turns SQLSTATE OPL01
+    /// into [`QueueError::LeaseLost`] for that run.
     fn answer<T>(
         client: deadpool_postgres::Object,
         outcome: Result<Result<T, tokio_postgres::Error>, Elapsed>,
+        limit: Duration,
         run_id: Option<Uuid>,
     ) -> Result<T, QueueError> {
-        db::check_answer(client, outcome, CALL_TIMEOUT).map_err(|err| match err {
+        db::check_answer(client, outcome, limit).map_err(|err| match err {
             CallError::Database(err) => QueueError::from_pg(err, run_id),
             CallError::TimedOut(limit) => QueueError::Unavailable(format!(
                 "no reply within {} s; the connection was closed",
@@ -228,7 +229,7 @@ impl Queue {
             client.query_opt(&statement, &params).await
         })
         .await;
-        let row = Queue::answer(client, outcome, None)?;
+        let row = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
         row.map(|row| ClaimedRun::from_row(&row))
             .transpose()
             .map_err(|err| QueueError::Rejected(format!("unexpected claim row: {err}")))
@@ -236,8 +237,25 @@ impl Queue {
 
     /// Renews the lease. Returns whether cancellation of the run was requested.
     pub async fn heartbeat(&self, lease: Lease) -> Result<bool, QueueError> {
-        let client = self.client().await?;
-        let outcome = timeout(CALL_TIMEOUT, async {
+        self.heartbeat_within(lease, CALL_TIMEOUT).await
+    }
+
+    /// Renews the lease, giving up after `limit` (at most [`CALL_TIMEOUT`]), for callers
+    /// whose lease runs out sooner.
+    pub async fn heartbeat_within(
+        &self,
+        lease: Lease,
+        limit: Duration,
+    ) -> Result<bool, QueueError> {
+        let limit = limit.min(CALL_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + limit;
+        let client = timeout_at(deadline, self.client()).await.map_err(|_| {
+            QueueError::Unavailable(format!(
+                "no pooled connection within {} ms",
+                limit.as_millis()
+            ))
+        })??;
+        let outcome = timeout_at(deadline, async {
             let statement = client
                 .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
                 .await?;
@@ -249,7 +267,7 @@ impl Queue {
                 .await
         })
         .await;
-        let row = Queue::answer(client, outcome, Some(lease.run_id))?;
+        let row = Queue::answer(client, outcome, limit, Some(lease.run_id))?;
         Ok(row.get(0))
     }
 
@@ -270,7 +288,7 @@ impl Queue {
             client.execute(&statement, &params).await
         })
         .await;
-        Queue::answer(client, outcome, Some(lease.run_id))?;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 
@@ -285,7 +303,7 @@ impl Queue {
             ),
         )
         .await;
-        Queue::answer(client, outcome, Some(lease.run_id))?;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 
@@ -294,7 +312,7 @@ impl Queue {
         let client = self.client().await?;
         let query = client.query("SELECT * FROM ops.reap_expired_runs()", &[]);
         let outcome = timeout(CALL_TIMEOUT, query).await;
-        let rows = Queue::answer(client, outcome, None)?;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
         Ok(rows
             .iter()
             .map(|row| ReapedRun {
@@ -322,7 +340,7 @@ impl Queue {
             &params,
         );
         let outcome = timeout(CALL_TIMEOUT, insert).await;
-        Queue::answer(client, outcome, Some(lease.run_id))?;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 }
