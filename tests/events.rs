@@ -81,7 +81,7 @@ async fn two_hundred_thousand_lines_are_stored_in_order() {
     assert!(events.last().unwrap().message.starts_with("Run succeeded"));
 }
 
-/// application_name of the event writer's connections in [`killed_writer_connection_...`].
+/// application_name of the event writer's connections in the writer-killing test.
 const WRITER_APP: &str = "odooops-test-event-writer";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
