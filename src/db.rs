@@ -163,7 +163,7 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// Why a call raced against a timeout failed.
+/// Failure of a call raced against a timeout.
 #[derive(Debug)]
 pub enum CallError {
     Database(tokio_postgres::Error),

@@ -316,7 +316,7 @@ async fn store(
             Err(StoreError::LeaseLost)
         }
         Err(CallError::Database(err)) if db::is_transient(&err) => {
-            Err(StoreError::Retry(err.to_string()))
+            Err(StoreError::Retry(db_error_text(&err)))
         }
         Err(CallError::Database(err)) => Err(StoreError::Rejected(db_error_text(&err))),
     }

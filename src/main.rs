@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use odooops_agent::agent::{self, Mode, Shutdown};
 use odooops_agent::config::{ConfigError, RawConfig, Settings};
+use odooops_agent::queue::db_error_text;
 use odooops_agent::workflows::Workflows;
 use odooops_agent::{db, docker, logging, migrate};
 
@@ -15,6 +16,9 @@ const EXIT_USAGE: u8 = 64;
 /// Exit status when the database or Docker engine cannot be reached (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
 const DEFAULT_CONFIG: &str = "/etc/odooops/agent.toml";
+/// Next step for a database that cannot be reached.
+const UNREACHABLE_HINT: &str =
+    "check that PostgreSQL is running and that database.url or ODOOOPS_DATABASE_URL names it";
 
 /// Executes builds, deploys and backups queued in the ops control plane.
 #[derive(Parser)]
@@ -123,12 +127,15 @@ async fn run_migrations(settings: &Settings) -> Result<(), Failure> {
     let (mut client, connection) = db::connect(&settings.database, "odooops-agent-migrate")
         .await
         .map_err(|err| {
-            Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}"))
+            Failure::Unavailable(anyhow::anyhow!(
+                "connecting to {target} failed: {}; {UNREACHABLE_HINT}",
+                db_error_text(&err)
+            ))
         })?;
     tokio::spawn(connection);
     let applied = migrate::migrate(&mut client)
         .await
-        .map_err(|err| Failure::Other(err.into()))?;
+        .map_err(|err| Failure::Other(anyhow::anyhow!("{err}")))?;
     if applied.is_empty() {
         println!("{target}: schema is up to date");
     } else {
@@ -149,7 +156,12 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
     let target = describe(settings)?;
     let (client, connection) = db::connect(&settings.database, "odooops-agent-check")
         .await
-        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("database {target}: {err}")))?;
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!(
+                "database {target}: {}; {UNREACHABLE_HINT}",
+                db_error_text(&err)
+            ))
+        })?;
     tokio::spawn(connection);
     let row = client
         .query_one(
@@ -159,8 +171,9 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         .await
         .map_err(|err| {
             Failure::Unavailable(anyhow::anyhow!(
-                "database {target}: reading ops.schema_migrations failed: {err}; \
-                 run `odooops-agent migrate` first"
+                "database {target}: reading ops.schema_migrations failed: {}; \
+                 run `odooops-agent migrate` first",
+                db_error_text(&err)
             ))
         })?;
     let version: Option<i32> = row.get(0);

@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::agents::{self, RunningAgent};
 use common::runs;
-use common::workflows::{self, NeedsMetadata, Panic, Record, Succeed};
+use common::workflows::{self, Gauge, NeedsMetadata, Panic, Record, Returns, Succeed};
 use common::{wait, TestDb};
 use odooops_agent::agent::{self, Mode, Shutdown};
 use odooops_agent::queue::{ClaimFilter, FinalStatus, Queue};
@@ -28,7 +30,9 @@ async fn eight_agents_claim_each_run_exactly_once() {
 
     let mut agents = tokio::task::JoinSet::new();
     for index in 0..RACING_AGENTS {
-        let config = agents::config(&format!("agent-{index}"), "concurrency = 2");
+        // Eight pools of three stay well inside a shared server's 100 connections.
+        let worker_id = format!("agent-{index}");
+        let config = agents::config_with(&worker_id, "concurrency = 2", "pool_size = 3");
         let settings = agents::settings(&db.url, &config);
         let workflows = agents::only("build", Record);
         agents.spawn(agent::run(
@@ -226,7 +230,7 @@ async fn unknown_workflow_fails_and_agent_continues() {
 }
 
 #[tokio::test]
-async fn malformed_metadata_fails_the_run_naming_the_field() {
+async fn malformed_metadata_fails_naming_field() {
     let db = TestDb::new().await;
     db.seed_project().await;
     let client = db.client().await;
@@ -331,4 +335,88 @@ async fn requested_cancellation_stops_a_running_run() {
     assert!(runs::has_event(&client, run_id, "stopped by cancellation").await);
     assert!(runs::has_event(&client, run_id, "Run cancelled on request").await);
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn non_object_result_is_stored_under_result() {
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    let run_id = runs::queue(&client, "env-dev", "build").await;
+
+    agent::run(
+        agents::settings(&db.url, &agents::config("agent-a", "")),
+        agents::only("build", Returns(json!(["sha256:abc"]))),
+        Mode::Once,
+        Shutdown::default(),
+    )
+    .await
+    .expect("agent");
+
+    let run = runs::run(&client, run_id).await;
+    assert_eq!(run.status, "success");
+    assert_eq!(run.metadata["result"], json!(["sha256:abc"]));
+    assert_eq!(run.metadata["workflow"], "build");
+}
+
+#[tokio::test]
+async fn unstorable_result_fails_the_run() {
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    let run_id = runs::queue(&client, "env-dev", "build").await;
+
+    // jsonb rejects the NUL character, so finish_run rejects this result.
+    agent::run(
+        agents::settings(&db.url, &agents::config("agent-a", "")),
+        agents::only("build", Returns(json!({ "digest": "a\u{0}b" }))),
+        Mode::Once,
+        Shutdown::default(),
+    )
+    .await
+    .expect("agent");
+
+    let run = runs::run(&client, run_id).await;
+    assert_eq!(run.status, "failed");
+    assert_eq!(run.attempt, 1);
+    assert_eq!(run.metadata["failed_step"], "finish");
+    let error = run.metadata["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.starts_with("finishing the run as success failed"),
+        "{error}"
+    );
+    assert!(error.contains("SQLSTATE 22P05"), "{error}");
+    let events = runs::events(&client, run_id).await;
+    let last = events.last().expect("events");
+    assert_eq!(last.level, "error");
+    assert_eq!(last.message, error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limits_runs_in_progress() {
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    runs::queue_many(&client, "env-dev", "build", 6).await;
+    let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let gauge = Gauge {
+        hold: Duration::from_millis(300),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        max_in_flight: max_in_flight.clone(),
+    };
+
+    let summary = agent::run(
+        agents::settings(&db.url, &agents::config("agent-a", "concurrency = 2")),
+        agents::only("build", gauge),
+        Mode::Once,
+        Shutdown::default(),
+    )
+    .await
+    .expect("agent");
+
+    assert_eq!(summary.claimed, 6);
+    assert_eq!(max_in_flight.load(Ordering::SeqCst), 2);
 }

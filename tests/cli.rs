@@ -82,6 +82,7 @@ fn check_with_unreachable_database_hides_the_password() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("database 127.0.0.1:"), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
     assert!(stderr.contains("/ops as agent"), "{stderr}");
     assert!(!stderr.contains(PASSWORD), "{stderr}");
     assert!(!stdout.contains(PASSWORD), "{stdout}");
@@ -145,4 +146,52 @@ async fn migrate_without_config_uses_the_database_url_variable() {
         .unwrap()
         .get(0);
     assert_eq!(versions as usize, odooops_agent::migrate::MIGRATIONS.len());
+}
+
+#[test]
+fn run_once_gives_up_on_unreachable_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = unreachable_url();
+    let config = format!("[database]\nurl = \"{url}\"\nconnect_timeout_secs = 1\n");
+    let config = write_config(dir.path(), &config);
+
+    let output = agent(
+        &["run", "--once", "--config", config.to_str().unwrap()],
+        None,
+    );
+
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("claiming a run failed 8 times in a row"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
+    assert!(!stdout.contains(PASSWORD), "{stdout}");
+}
+
+#[tokio::test]
+async fn failed_migration_names_the_server_error() {
+    let db = TestDb::empty().await;
+    db.client()
+        .await
+        .batch_execute("CREATE SCHEMA ops; CREATE TABLE ops.projects (x integer)")
+        .await
+        .unwrap();
+
+    let output = agent(&["migrate"], Some(&db.url));
+
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("migration 1 (control_plane) failed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("relation \"projects\" already exists"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("SQLSTATE 42P07"), "{stderr}");
 }

@@ -81,7 +81,7 @@ async fn two_hundred_thousand_lines_are_stored_in_order() {
     assert!(events.last().unwrap().message.starts_with("Run succeeded"));
 }
 
-/// application_name of the event writer's connections in [`killed_writer_connection_...`].
+/// application_name of the event writer's connections in the writer-killing test.
 const WRITER_APP: &str = "odooops-test-event-writer";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,10 +127,11 @@ async fn killed_writer_connection_loses_and_duplicates_nothing() {
     assert_lines_in_order(&client, run_id, MANY_LINES).await;
 }
 
-/// Terminates the event writer's backend a few times while it writes.
+/// Terminates the event writer's backend every 150 ms until aborted, at most six times,
+/// so that the writer reconnects and retries but still makes progress.
 async fn kill_writer_connections(url: String, killed: Arc<AtomicU64>) {
     let client = common::connect(&url).await;
-    for _ in 0..6 {
+    while killed.load(Ordering::Relaxed) < 6 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let row = client
             .query_one(

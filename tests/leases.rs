@@ -210,6 +210,21 @@ async fn stale_agents_writes_are_rejected_after_reclaim() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&direct), "OPL01");
+    let fenced = [
+        "SELECT ops.heartbeat_run($1, $2)",
+        "SELECT * FROM ops.finish_run(p_run_id => $1, p_status => 'failed',
+                                      p_lease_token => $2)",
+        "SELECT * FROM ops.add_artifact(p_run_id => $1, p_artifact_type => 'logs',
+                                        p_storage_path => 's3://b/x', p_lease_token => $2)",
+        "SELECT ops.release_run($1, $2, 'stale')",
+    ];
+    for sql in fenced {
+        let err = client
+            .query(sql, &[&run_id, &old.lease.token])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "OPL01", "{sql}");
+    }
 
     let events = runs::events(&client, run_id).await;
     let messages = runs::messages(&events);
@@ -294,4 +309,57 @@ async fn taken_back_run_is_stopped() {
     assert_eq!(run.worker_id.as_deref(), Some("agent-b"));
     assert!(!runs::has_event(&client, run_id, "stopped by cancellation").await);
     assert!(!runs::has_event(&client, run_id, "handed back").await);
+}
+
+#[tokio::test]
+async fn expired_run_with_cancel_request_is_cancelled() {
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    let run_id = runs::queue(&client, "env-dev", "build").await;
+    client
+        .execute("SELECT * FROM ops.claim_next_run('agent-a')", &[])
+        .await
+        .unwrap();
+    client
+        .execute("SELECT * FROM ops.cancel_run(p_run_id => $1)", &[&run_id])
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE ops.runs SET lease_expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let reaped = client
+        .query(
+            "SELECT run_id, worker_id, action FROM ops.reap_expired_runs()",
+            &[],
+        )
+        .await
+        .expect("reap");
+
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].get::<_, String>("action"), "cancelled");
+    assert_eq!(
+        reaped[0].get::<_, Option<String>>("worker_id").as_deref(),
+        Some("agent-a")
+    );
+    let run = runs::run(&client, run_id).await;
+    assert_eq!(run.status, "cancelled");
+    let error = run.metadata["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("cancellation was requested"), "{error}");
+    let events = runs::events(&client, run_id).await;
+    let last = events.last().expect("events");
+    assert!(
+        last.message.starts_with("Lease of worker agent-a expired"),
+        "{}",
+        last.message
+    );
+    assert!(last.message.ends_with("run cancelled"), "{}", last.message);
 }

@@ -69,6 +69,24 @@ async fn second_migrate_applies_nothing() {
 }
 
 #[tokio::test]
+async fn edited_migration_is_reported_not_skipped() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    client
+        .execute(
+            "UPDATE ops.schema_migrations SET checksum = 'f00' WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let err = migrate::migrate(&mut client).await.unwrap_err().to_string();
+
+    assert!(err.contains("migration 1 (control_plane)"), "{err}");
+    assert!(err.contains("checksum f00"), "{err}");
+}
+
+#[tokio::test]
 async fn concurrent_migrations_both_succeed() {
     let db = TestDb::empty().await;
     let mut first = db.client().await;

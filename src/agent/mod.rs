@@ -21,6 +21,9 @@ pub use shutdown::Shutdown;
 
 /// Longest pause between claim attempts while the database is unreachable.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(30);
+/// Consecutive failed claims after which [`Mode::Once`] gives up, after about 13 s of
+/// backoff, because a cron job should fail and report rather than wait forever.
+const ONCE_MAX_CLAIM_FAILURES: u32 = 8;
 /// How long handed-back runs get to write their last events and release their leases.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(45);
 
@@ -88,11 +91,12 @@ pub async fn run(
     systemd::notify_ready();
 
     let mut tasks = JoinSet::new();
-    let summary = claim_loop(&shared, mode, &shutdown, &wake, &mut tasks).await;
+    let outcome = claim_loop(&shared, mode, &shutdown, &wake, &mut tasks).await;
 
     systemd::notify_stopping();
     drain(&mut tasks, settings.agent.shutdown_grace, &shutdown).await;
     background.cancel();
+    let summary = outcome?;
     tracing::info!(claimed = summary.claimed, "agent stopped");
     Ok(summary)
 }
@@ -120,11 +124,12 @@ async fn claim_loop(
     shutdown: &Shutdown,
     wake: &Notify,
     tasks: &mut JoinSet<()>,
-) -> Summary {
+) -> anyhow::Result<Summary> {
     let slots = Arc::new(Semaphore::new(shared.settings.agent.concurrency));
     let poll_interval = shared.settings.agent.poll_interval;
     let mut summary = Summary::default();
     let mut backoff = Duration::from_millis(100);
+    let mut failures = 0u32;
     loop {
         while let Some(joined) = tasks.try_join_next() {
             log_task_failure(joined);
@@ -136,14 +141,19 @@ async fn claim_loop(
         if shutdown.is_stopping() {
             break;
         }
+        // The database starts the lease after this instant, so a lease deadline counted
+        // from it is never later than the database's.
+        let claimed_at = Instant::now();
         match shared.queue.claim().await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
+                failures = 0;
                 backoff = Duration::from_millis(100);
-                tasks.spawn(runner::execute(run, shared.clone(), permit));
+                tasks.spawn(runner::execute(run, claimed_at, shared.clone(), permit));
             }
             Ok(None) => {
                 drop(permit);
+                failures = 0;
                 backoff = Duration::from_millis(100);
                 if mode == Mode::Once && tasks.is_empty() {
                     break;
@@ -159,6 +169,10 @@ async fn claim_loop(
             }
             Err(err) => {
                 drop(permit);
+                failures += 1;
+                if mode == Mode::Once && failures >= ONCE_MAX_CLAIM_FAILURES {
+                    anyhow::bail!("claiming a run failed {failures} times in a row: {err}");
+                }
                 tracing::warn!(
                     error = %err,
                     retry_in_ms = backoff.as_millis() as u64,
@@ -175,7 +189,7 @@ async fn claim_loop(
             }
         }
     }
-    summary
+    Ok(summary)
 }
 
 /// Logs a run task that panicked outside its workflow, which catches its own panics.

@@ -48,8 +48,14 @@ impl Stop {
     }
 }
 
-/// Runs the claimed run to its end. The permit is the concurrency slot it occupies.
-pub async fn execute(run: ClaimedRun, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+/// Runs the claimed run to its end. `claimed_at` is when the claim was sent, and the
+/// permit is the concurrency slot the run occupies.
+pub async fn execute(
+    run: ClaimedRun,
+    claimed_at: Instant,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!(
         "run",
         run.id = %run.run_id,
@@ -57,29 +63,17 @@ pub async fn execute(run: ClaimedRun, shared: Arc<Shared>, _permit: OwnedSemapho
         env.id = %run.env_id,
         attempt = run.attempt,
     );
-    execute_in_span(run, shared).instrument(span).await
+    execute_in_span(run, claimed_at, shared)
+        .instrument(span)
+        .await
 }
 
-async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
+async fn execute_in_span(run: ClaimedRun, claimed_at: Instant, shared: Arc<Shared>) {
     let started = Instant::now();
     let lease = run.lease;
     let stop = Arc::new(Stop::default());
     let events = EventSink::start(shared.queue.pool().clone(), lease);
-    // Both tasks end with this function, even when it unwinds.
-    let _heartbeat = AbortOnDropHandle::new(tokio::spawn(keep_lease(
-        shared.queue.clone(),
-        lease,
-        run.claimed_at,
-        shared.settings.agent.heartbeat_interval,
-        shared.settings.agent.lease,
-        stop.clone(),
-    )));
-    let hand_back = shared.hand_back.clone();
-    let stop_on_shutdown = stop.clone();
-    let _shutdown_watch = AbortOnDropHandle::new(tokio::spawn(async move {
-        hand_back.cancelled().await;
-        stop_on_shutdown.request(StopReason::Shutdown);
-    }));
+    let _watchers = watch_over(&run, claimed_at, &shared, &stop);
 
     tracing::info!("run started");
     events
@@ -112,6 +106,34 @@ async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
     .await;
 }
 
+/// Starts the tasks that renew the lease and turn a hand-back request into a stop. They
+/// end when the returned handles are dropped, even when the run task unwinds.
+fn watch_over(
+    run: &ClaimedRun,
+    claimed_at: Instant,
+    shared: &Shared,
+    stop: &Arc<Stop>,
+) -> [AbortOnDropHandle<()>; 2] {
+    let heartbeat = tokio::spawn(keep_lease(
+        shared.queue.clone(),
+        run.lease,
+        claimed_at,
+        shared.settings.agent.heartbeat_interval,
+        shared.settings.agent.lease,
+        stop.clone(),
+    ));
+    let hand_back = shared.hand_back.clone();
+    let stop = stop.clone();
+    let shutdown_watch = tokio::spawn(async move {
+        hand_back.cancelled().await;
+        stop.request(StopReason::Shutdown);
+    });
+    [
+        AbortOnDropHandle::new(heartbeat),
+        AbortOnDropHandle::new(shutdown_watch),
+    ]
+}
+
 async fn run_workflow(ctx: &RunContext, shared: &Shared, stop: &Stop) -> RunResult {
     let Some(workflow) = shared.workflows.get(&ctx.run.workflow) else {
         return Err(StepError::invalid(format!(
@@ -121,8 +143,8 @@ async fn run_workflow(ctx: &RunContext, shared: &Shared, stop: &Stop) -> RunResu
         )));
     };
     // A panicking workflow fails its run like any other error instead of taking the run
-    // task down with the lease still being renewed.
-    let execution = AssertUnwindSafe(workflow.execute(ctx))
+    // task down. The call is inside the future, so a panic before the first await counts.
+    let execution = AssertUnwindSafe(async { workflow.execute(ctx).await })
         .catch_unwind()
         .map(|outcome| outcome.unwrap_or_else(|panic| Err(panicked(&ctx.run.workflow, panic))));
     tokio::pin!(execution);
@@ -168,7 +190,7 @@ fn ending(reason: Option<StopReason>, result: RunResult, elapsed: f64) -> (Endin
     match (reason, result) {
         (Some(StopReason::LeaseLost), _) => (Ending::Abandon, String::new()),
         (_, Ok(metadata)) => (
-            Ending::Finish(FinalStatus::Success, metadata),
+            Ending::Finish(FinalStatus::Success, as_object(metadata)),
             format!("Run succeeded in {elapsed:.1} s"),
         ),
         (Some(StopReason::Shutdown), Err(_)) => (
@@ -230,8 +252,27 @@ async fn conclude(
         tracing::warn!("lease lost before the run could be finished");
         return;
     }
-    let result = finish_with_retry(queue, lease, status, &metadata).await;
+    let mut result = finish_with_retry(queue, lease, status, &metadata).await;
+    if let Err(QueueError::Rejected(reason)) = &result {
+        // Left running, the run would be reaped and executed again.
+        let error = format!("finishing the run as {} failed: {reason}", status.as_str());
+        tracing::error!(error = %error, "finishing the run as failed instead");
+        events.error(error.clone()).await;
+        events.flush().await;
+        let metadata = json!({ "error": error, "failed_step": "finish" });
+        result = finish_with_retry(queue, lease, FinalStatus::Failed, &metadata).await;
+    }
     report(result, status.as_str());
+}
+
+/// Makes a workflow's result mergeable into the run's metadata, which must be a JSON
+/// object. Null adds nothing, and any other non-object value is stored under "result".
+fn as_object(metadata: Value) -> Value {
+    match metadata {
+        Value::Object(_) => metadata,
+        Value::Null => json!({}),
+        other => json!({ "result": other }),
+    }
 }
 
 fn merge(target: &mut Value, extra: Value) {
@@ -286,23 +327,22 @@ async fn keep_lease(
         tokio::time::sleep(wait).await;
         let sent_at = Instant::now();
         let remaining = deadline.saturating_duration_since(sent_at);
-        match tokio::time::timeout(remaining, queue.heartbeat(lease)).await {
-            Ok(Ok(cancel_requested)) => {
+        match queue.heartbeat_within(lease, remaining).await {
+            Ok(cancel_requested) => {
                 deadline = sent_at + lease_length;
                 wait = interval;
                 if cancel_requested {
                     stop.request(StopReason::CancelRequested);
                 }
             }
-            Ok(Err(QueueError::LeaseLost { .. })) => {
+            Err(QueueError::LeaseLost { .. }) => {
                 stop.request(StopReason::LeaseLost);
                 return;
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 tracing::warn!(error = %err, "renewing the lease failed; retrying");
                 wait = interval.min(Duration::from_secs(1));
             }
-            Err(_) => tracing::warn!("renewing the lease timed out"),
         }
         // Past the deadline another agent may hold the run.
         if Instant::now() >= deadline {

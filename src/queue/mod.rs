@@ -7,13 +7,13 @@
 
 pub mod listener;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::time::error::Elapsed;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -46,13 +46,10 @@ pub struct ClaimedRun {
     pub max_attempts: i32,
     pub created_at: DateTime<Utc>,
     pub lease: Lease,
-    /// When this agent sent the claim. The database set the lease to expire no earlier
-    /// than the lease length after this instant.
-    pub claimed_at: Instant,
 }
 
 impl ClaimedRun {
-    fn from_row(row: &Row, claimed_at: Instant) -> Result<ClaimedRun, tokio_postgres::Error> {
+    fn from_row(row: &Row) -> Result<ClaimedRun, tokio_postgres::Error> {
         let run_id = row.try_get("run_id")?;
         Ok(ClaimedRun {
             run_id,
@@ -69,7 +66,6 @@ impl ClaimedRun {
                 run_id,
                 token: row.try_get("lease_token")?,
             },
-            claimed_at,
         })
     }
 }
@@ -110,7 +106,7 @@ impl QueueError {
     fn from_pg(err: tokio_postgres::Error, run_id: Option<Uuid>) -> QueueError {
         match (db::sqlstate(&err), run_id) {
             (Some(db::LEASE_LOST), Some(run_id)) => QueueError::LeaseLost { run_id },
-            _ if db::is_transient(&err) => QueueError::Unavailable(err.to_string()),
+            _ if db::is_transient(&err) => QueueError::Unavailable(db_error_text(&err)),
             _ => QueueError::Rejected(db_error_text(&err)),
         }
     }
@@ -127,12 +123,20 @@ impl QueueError {
     }
 }
 
-/// The server's message for a database error, which tokio-postgres' Display omits.
+/// Describes a database error with what tokio-postgres' Display omits: the server's
+/// message and SQLSTATE, or the chain of causes, such as "Connection refused".
 pub fn db_error_text(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => err.to_string(),
+    if let Some(db) = err.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
     }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
 }
 
 /// A run whose lease expired, as reported by the reaper.
@@ -190,14 +194,15 @@ impl Queue {
         self.pool.get().await.map_err(QueueError::from_pool)
     }
 
-    /// Maps the outcome of a call raced against [`CALL_TIMEOUT`]. `run_id` turns
-    /// SQLSTATE OPL01 into [`QueueError::LeaseLost`] for that run.
+    /// Maps the outcome of a call raced against `limit`. `run_id` turns SQLSTATE OPL01
+    /// into [`QueueError::LeaseLost`] for that run.
     fn answer<T>(
         client: deadpool_postgres::Object,
         outcome: Result<Result<T, tokio_postgres::Error>, Elapsed>,
+        limit: Duration,
         run_id: Option<Uuid>,
     ) -> Result<T, QueueError> {
-        db::check_answer(client, outcome, CALL_TIMEOUT).map_err(|err| match err {
+        db::check_answer(client, outcome, limit).map_err(|err| match err {
             CallError::Database(err) => QueueError::from_pg(err, run_id),
             CallError::TimedOut(limit) => QueueError::Unavailable(format!(
                 "no reply within {} s; the connection was closed",
@@ -210,7 +215,6 @@ impl Queue {
     /// row lock lives and what happens to the run if this agent dies.
     pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
         let filter = &self.filter;
-        let claimed_at = Instant::now();
         let client = self.client().await?;
         let outcome = timeout(CALL_TIMEOUT, async {
             let statement = client
@@ -225,16 +229,33 @@ impl Queue {
             client.query_opt(&statement, &params).await
         })
         .await;
-        let row = Queue::answer(client, outcome, None)?;
-        row.map(|row| ClaimedRun::from_row(&row, claimed_at))
+        let row = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
+        row.map(|row| ClaimedRun::from_row(&row))
             .transpose()
             .map_err(|err| QueueError::Rejected(format!("unexpected claim row: {err}")))
     }
 
     /// Renews the lease. Returns whether cancellation of the run was requested.
     pub async fn heartbeat(&self, lease: Lease) -> Result<bool, QueueError> {
-        let client = self.client().await?;
-        let outcome = timeout(CALL_TIMEOUT, async {
+        self.heartbeat_within(lease, CALL_TIMEOUT).await
+    }
+
+    /// Renews the lease, giving up after `limit` (at most [`CALL_TIMEOUT`]), for callers
+    /// whose lease runs out sooner.
+    pub async fn heartbeat_within(
+        &self,
+        lease: Lease,
+        limit: Duration,
+    ) -> Result<bool, QueueError> {
+        let limit = limit.min(CALL_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + limit;
+        let client = timeout_at(deadline, self.client()).await.map_err(|_| {
+            QueueError::Unavailable(format!(
+                "no pooled connection within {} ms",
+                limit.as_millis()
+            ))
+        })??;
+        let outcome = timeout_at(deadline, async {
             let statement = client
                 .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
                 .await?;
@@ -246,7 +267,7 @@ impl Queue {
                 .await
         })
         .await;
-        let row = Queue::answer(client, outcome, Some(lease.run_id))?;
+        let row = Queue::answer(client, outcome, limit, Some(lease.run_id))?;
         Ok(row.get(0))
     }
 
@@ -267,7 +288,7 @@ impl Queue {
             client.execute(&statement, &params).await
         })
         .await;
-        Queue::answer(client, outcome, Some(lease.run_id))?;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 
@@ -282,7 +303,7 @@ impl Queue {
             ),
         )
         .await;
-        Queue::answer(client, outcome, Some(lease.run_id))?;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 
@@ -291,7 +312,7 @@ impl Queue {
         let client = self.client().await?;
         let query = client.query("SELECT * FROM ops.reap_expired_runs()", &[]);
         let outcome = timeout(CALL_TIMEOUT, query).await;
-        let rows = Queue::answer(client, outcome, None)?;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
         Ok(rows
             .iter()
             .map(|row| ReapedRun {
@@ -319,7 +340,7 @@ impl Queue {
             &params,
         );
         let outcome = timeout(CALL_TIMEOUT, insert).await;
-        Queue::answer(client, outcome, Some(lease.run_id))?;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 }

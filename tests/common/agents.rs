@@ -25,15 +25,27 @@ const SMALL_DATABASE: &str = "pool_size = 4\nconnect_timeout_secs = 2\n";
 /// Agent config TOML for worker `worker_id` with short intervals; `agent_keys` (TOML
 /// lines) add to or replace keys of the [agent] table.
 pub fn config(worker_id: &str, agent_keys: &str) -> String {
-    let mut agent: toml::Table = toml::from_str(FAST_AGENT).unwrap();
-    let overrides: toml::Table = toml::from_str(agent_keys).expect("agent keys parse");
-    agent.extend(overrides);
+    config_with(worker_id, agent_keys, "")
+}
+
+/// Like [`config`], with `database_keys` added to or replacing keys of [database].
+pub fn config_with(worker_id: &str, agent_keys: &str, database_keys: &str) -> String {
+    let mut agent = table(FAST_AGENT, agent_keys);
     agent.insert("worker_id".into(), worker_id.into());
     let mut root = toml::Table::new();
     root.insert("agent".into(), agent.into());
-    let database: toml::Table = toml::from_str(SMALL_DATABASE).unwrap();
-    root.insert("database".into(), database.into());
+    root.insert(
+        "database".into(),
+        table(SMALL_DATABASE, database_keys).into(),
+    );
     toml::to_string(&root).expect("config serializes")
+}
+
+fn table(defaults: &str, overrides: &str) -> toml::Table {
+    let mut table: toml::Table = toml::from_str(defaults).unwrap();
+    let overrides: toml::Table = toml::from_str(overrides).expect("test config keys parse");
+    table.extend(overrides);
+    table
 }
 
 /// An agent running in [`Mode::Daemon`] on a task of the test's runtime.

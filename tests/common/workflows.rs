@@ -45,7 +45,7 @@ impl Workflow for Succeed {
     }
 }
 
-/// What lets a [`Block`] run finish.
+/// Condition that lets a [`Block`] run finish.
 #[derive(Clone)]
 pub enum Release {
     /// Only cancellation ends the run.
@@ -145,6 +145,36 @@ impl Workflow for NeedsMetadata {
         Box::pin(async move {
             let metadata: DeployMetadata = ctx.metadata()?;
             Ok(json!({ "deployed": metadata.image }))
+        })
+    }
+}
+
+/// Succeeds with the given value as its result metadata.
+pub struct Returns(pub serde_json::Value);
+
+impl Workflow for Returns {
+    fn execute<'a>(&'a self, _ctx: &'a RunContext) -> BoxFuture<'a, RunResult> {
+        Box::pin(async move { Ok(self.0.clone()) })
+    }
+}
+
+/// Counts the runs executing at once and records the highest count in `max_in_flight`.
+/// Each run takes `hold`, so runs allowed to overlap do.
+pub struct Gauge {
+    pub hold: Duration,
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    pub max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Workflow for Gauge {
+    fn execute<'a>(&'a self, _ctx: &'a RunContext) -> BoxFuture<'a, RunResult> {
+        use std::sync::atomic::Ordering::SeqCst;
+        Box::pin(async move {
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, SeqCst);
+            tokio::time::sleep(self.hold).await;
+            self.in_flight.fetch_sub(1, SeqCst);
+            Ok(json!({}))
         })
     }
 }
