@@ -1,10 +1,10 @@
 //! Project sources: fetching one commit of a git repository into a run's workspace.
 //!
 //! git runs as a child process with an explicit argument vector, never through a shell.
-//! The commit sha and the repository URL are checked before git sees them: the sha must be
-//! 7 to 64 hex digits, and the URL must use https, ssh, git or a local path (file://),
-//! which git also enforces through GIT_ALLOW_PROTOCOL, so `ext::` and other transports
-//! that run commands are refused.
+//! The commit sha and the repository URL are checked before git runs. The sha must be 7
+//! to 64 hex digits. The URL must use https, ssh, git or a local path (file://), which
+//! git also enforces through GIT_ALLOW_PROTOCOL, so `ext::` and other transports that run
+//! commands are rejected.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -70,8 +70,8 @@ impl GitSha {
         &self.0
     }
 
-    /// Whether this is a whole object id (SHA-1 or SHA-256), which a server can be asked
-    /// for directly, rather than an abbreviation.
+    /// Checks whether this is a whole object id (SHA-1 or SHA-256), which a server can be
+    /// asked for directly, rather than an abbreviation.
     pub fn is_full(&self) -> bool {
         self.0.len() == 40 || self.0.len() == 64
     }
@@ -157,7 +157,7 @@ fn is_scp_like(url: &str) -> bool {
     }
 }
 
-/// The password in `scheme://user:password@host/...`, if any.
+/// Returns the password in `scheme://user:password@host/...`, if any.
 fn password_of(url: &str) -> Option<&str> {
     let (_, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
@@ -226,9 +226,9 @@ impl Drop for Workspace {
 }
 
 /// Fetches commit `sha` of `url` into the new directory `dir` and checks it out. Returns
-/// the full commit id. A whole sha is fetched alone (`--depth 1`); an abbreviated one, or
-/// a server that refuses to serve a commit by id, falls back to fetching every branch and
-/// tag.
+/// the full commit id. A whole sha is fetched alone (`--depth 1`). For an abbreviated
+/// sha, or when the server does not serve a commit by id, every branch and tag is
+/// fetched instead.
 pub async fn fetch(
     url: &RepoUrl,
     sha: &GitSha,
@@ -375,7 +375,7 @@ async fn read_limited(mut stderr: tokio::process::ChildStderr) -> String {
         if read == 0 {
             break;
         }
-        // Keep reading past the limit so git never blocks on a full pipe.
+        // Reading goes on past the limit, so git does not block on a full pipe.
         let room = MAX_STDERR_BYTES.saturating_sub(bytes.len());
         bytes.extend_from_slice(&buffer[..read.min(room)]);
     }
@@ -387,7 +387,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sha_accepts_7_to_64_hex_digits_and_lowercases() {
+    fn sha_accepts_hex_and_lowercases() {
         assert_eq!(GitSha::parse("ABCDEF1").unwrap().as_str(), "abcdef1");
         assert!(GitSha::parse(&"a".repeat(64)).is_ok());
         assert!(GitSha::parse(&"a".repeat(40)).unwrap().is_full());

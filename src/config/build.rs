@@ -72,8 +72,8 @@ pub struct RawTestDatabase {
     pub admin_url_env: Option<String>,
     pub admin_url_file: Option<String>,
     /// Address the test container connects to. Defaults to the admin URL's host when the
-    /// test network is "host"; on a bridge network it must be set (127.0.0.1 inside a
-    /// container is the container itself), usually to the bridge gateway, 172.17.0.1.
+    /// test network is "host". On a bridge network it must be set, usually to the bridge
+    /// gateway 172.17.0.1, because 127.0.0.1 inside a container is the container itself.
     pub host: Option<String>,
     /// Port the test container connects to; defaults to the admin URL's port.
     pub port: Option<u16>,
@@ -223,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_run_the_seed_test_command_without_a_database() {
+    fn defaults_test_without_database() {
         let settings = build("").unwrap();
         assert_eq!(settings.test_command[0], "odoo");
         assert_eq!(settings.test_command.len(), 8);
@@ -245,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn host_network_defaults_database_host_to_the_admin_url() {
+    fn host_network_uses_admin_url_host() {
         let settings = build(
             "test_network = \"host\"\n[test_database]\n\
              admin_url = \"postgres://admin:pw@127.0.0.1:5433/postgres\"",

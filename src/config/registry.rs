@@ -28,7 +28,7 @@ pub struct RegistrySettings {
 }
 
 impl RegistrySettings {
-    /// The registry address with its namespace, the prefix of image references.
+    /// Returns the registry address with its namespace, the prefix of image references.
     pub fn prefix(&self) -> String {
         if self.namespace.is_empty() {
             self.host.clone()
@@ -104,8 +104,8 @@ fn parse_url(url: &str) -> Result<(String, String), ConfigError> {
     Ok((host.to_string(), namespace.to_string()))
 }
 
-/// A registry host as Docker references allow it: DNS labels or an IPv4 address, with an
-/// optional port.
+/// Checks that `host` is a registry host as Docker references allow it: DNS labels or an
+/// IPv4 address, with an optional port.
 pub fn is_registry_host(host: &str) -> bool {
     let (name, port) = match host.rsplit_once(':') {
         Some((name, port)) => (name, Some(port)),
@@ -125,7 +125,8 @@ pub fn is_registry_host(host: &str) -> bool {
     port_ok && name_ok
 }
 
-/// A path component of an image name: `[a-z0-9]+` runs joined by `.`, `_`, `__` or `-`s.
+/// Checks that `component` is a path component of an image name: runs of `[a-z0-9]`
+/// joined by `.`, `_`, `__` or any number of `-`.
 pub fn is_path_component(component: &str) -> bool {
     let bytes = component.as_bytes();
     let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();

@@ -18,7 +18,11 @@ use crate::events::EventSink;
 
 use super::lines::LineSplitter;
 
-/// Which output stream a line came from.
+/// Maximum wait for an engine call that should return at once (create, remove). An
+/// engine that takes longer is stuck, and the run must not hang with it.
+pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The output stream of a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputStream {
     Stdout,
@@ -93,7 +97,7 @@ impl fmt::Debug for ContainerSpec {
     }
 }
 
-/// How a container that ran to the end exited.
+/// The exit status of a container that ran to the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerExit {
     pub exit_code: i64,
@@ -181,17 +185,23 @@ impl Drop for ContainerGuard {
 }
 
 /// Kills and removes a container with its anonymous volumes; one already gone is fine.
+/// Gives up after [`ENGINE_CALL_TIMEOUT`].
 pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
     let options = RemoveContainerOptions {
         force: true,
         v: true,
         ..Default::default()
     };
-    match docker.remove_container(id, Some(options)).await {
-        Err(bollard::errors::Error::DockerResponseServerError {
+    let removal = tokio::time::timeout(
+        ENGINE_CALL_TIMEOUT,
+        docker.remove_container(id, Some(options)),
+    );
+    match removal.await {
+        Err(_) => Err(bollard::errors::Error::RequestTimeoutError),
+        Ok(Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
-        }) => Ok(()),
-        other => other,
+        })) => Ok(()),
+        Ok(other) => other,
     }
 }
 
@@ -204,7 +214,10 @@ pub async fn run_to_completion(
     cancel: &CancellationToken,
 ) -> Result<ContainerExit, ContainerError> {
     let started = Instant::now();
-    let guard = create(docker, spec).await?;
+    let guard = match tokio::time::timeout(ENGINE_CALL_TIMEOUT, create(docker, spec)).await {
+        Ok(created) => created?,
+        Err(_) => return Err(create_timed_out(docker, spec).await),
+    };
     let name = spec.name.clone().unwrap_or_else(|| short_id(guard.id()));
     tracing::debug!(container.id = guard.id(), container.name = %name, "container created");
 
@@ -233,6 +246,20 @@ pub async fn run_to_completion(
         duration: started.elapsed(),
         lines,
     })
+}
+
+/// Removes a container whose creation timed out, if it has a name to find it by: the
+/// engine may have created it after all.
+async fn create_timed_out(docker: &Docker, spec: &ContainerSpec) -> ContainerError {
+    if let Some(name) = &spec.name {
+        if let Err(err) = remove_container(docker, name).await {
+            tracing::error!(container.name = %name, error = %err, "removing container failed");
+        }
+    }
+    ContainerError::TimedOut {
+        name: spec.name.clone().unwrap_or_else(|| spec.image.clone()),
+        timeout: ENGINE_CALL_TIMEOUT,
+    }
 }
 
 async fn create(docker: &Docker, spec: &ContainerSpec) -> Result<ContainerGuard, ContainerError> {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::ignore::{IgnoreError, IgnoreRules};
 
@@ -36,12 +37,13 @@ pub enum ContextError {
     Aborted,
 }
 
-/// What was sent.
+/// Counts of what an archive contains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ContextSummary {
     pub entries: u64,
     pub bytes: u64,
-    /// Paths left out because of .dockerignore (an excluded directory counts once).
+    /// Paths left out because of .dockerignore. An excluded directory counts once, unless
+    /// an exception makes the walk enter it; then its excluded entries count one by one.
     pub excluded: u64,
 }
 
@@ -91,15 +93,18 @@ pub fn load_rules(dir: &Path, dockerfile: &str) -> Result<IgnoreRules, ContextEr
     Ok(rules)
 }
 
-/// Starts archiving `dir` with `rules` on a blocking thread.
-pub fn stream(dir: PathBuf, rules: IgnoreRules) -> ContextStream {
+/// Starts archiving `dir` with `rules` on a blocking thread. Cancelling `stop` makes a
+/// writer that waits for the engine give up, for when the engine stopped reading.
+pub fn stream(dir: PathBuf, rules: IgnoreRules, stop: CancellationToken) -> ContextStream {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let runtime = tokio::runtime::Handle::current();
     let task = tokio::task::spawn_blocking(move || {
-        let sender = ChunkSender { tx: tx.clone() };
-        let result = write_archive(&dir, &rules, BufWriter::with_capacity(CHUNK_BYTES, sender));
+        let sender = ChunkSender { tx, stop, runtime };
+        let mut out = BufWriter::with_capacity(CHUNK_BYTES, sender);
+        let result = write_archive(&dir, &rules, &mut out);
         if let Err(err) = &result {
             // Fail the request body too, so the engine does not build a truncated context.
-            let _ = tx.blocking_send(Err(io::Error::other(err.to_string())));
+            let _ = out.get_mut().send(Err(io::Error::other(err.to_string())));
         }
         result
     });
@@ -157,9 +162,10 @@ impl<W: Write> Archive<'_, W> {
             let relative = format!("{prefix}{}", name.to_string_lossy());
             let meta = fs::symlink_metadata(&path).map_err(|err| archive_error(&path, err))?;
             if self.rules.excludes(&relative) {
-                self.summary.excluded += 1;
                 if meta.is_dir() && self.rules.may_include_inside(&relative) {
                     self.walk(&path, &format!("{relative}/"))?;
+                } else {
+                    self.summary.excluded += 1;
                 }
                 continue;
             }
@@ -242,16 +248,33 @@ impl<R: Read> Read for ExactReader<R> {
 }
 
 /// The write end of the channel: each write sends one chunk, waiting while the channel is
-/// full. A closed channel (the request was dropped) is reported as a broken pipe.
+/// full. A closed channel (the request was dropped) or a cancelled `stop` is reported as
+/// a broken pipe.
 struct ChunkSender {
     tx: mpsc::Sender<Result<Bytes, io::Error>>,
+    stop: CancellationToken,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ChunkSender {
+    fn send(&self, item: Result<Bytes, io::Error>) -> io::Result<()> {
+        let sent = self.runtime.block_on(async {
+            tokio::select! {
+                sent = self.tx.send(item) => sent.is_ok(),
+                _ = self.stop.cancelled() => false,
+            }
+        });
+        if sent {
+            Ok(())
+        } else {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+    }
 }
 
 impl Write for ChunkSender {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tx
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        self.send(Ok(Bytes::copy_from_slice(buf)))?;
         Ok(buf.len())
     }
 
@@ -367,7 +390,7 @@ mod tests {
     async fn stream_yields_the_same_archive_and_a_summary() {
         let dir = tree(&[("Dockerfile", "FROM scratch\n"), ("a/b", "12345")]);
         let rules = load_rules(dir.path(), "Dockerfile").unwrap();
-        let mut context = stream(dir.path().to_path_buf(), rules);
+        let mut context = stream(dir.path().to_path_buf(), rules, CancellationToken::new());
         let mut bytes = Vec::new();
         while let Some(chunk) = context.body.recv().await {
             bytes.extend_from_slice(&chunk.unwrap());
@@ -378,5 +401,25 @@ mod tests {
         assert_eq!(summary.bytes, 18);
         let count = tar::Archive::new(&bytes[..]).entries().unwrap().count();
         assert_eq!(count, 3);
+    }
+
+    #[tokio::test]
+    async fn stopped_stream_ends_the_writer_that_nobody_reads() {
+        let dir = tree(&[
+            ("Dockerfile", "FROM scratch\n"),
+            ("big", &"x".repeat(4 << 20)),
+        ]);
+        let rules = load_rules(dir.path(), "Dockerfile").unwrap();
+        let stop = CancellationToken::new();
+        let context = stream(dir.path().to_path_buf(), rules, stop.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stop.cancel();
+
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), context.task)
+            .await
+            .expect("the writer stops")
+            .unwrap();
+        assert!(matches!(result, Err(ContextError::Aborted)), "{result:?}");
+        drop(context.body);
     }
 }

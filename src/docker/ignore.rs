@@ -15,10 +15,10 @@
 //!   directories, is not an exception. Excluding a directory therefore excludes its
 //!   contents, unless a later exception names something inside it.
 //!
-//! Differences from moby, all in malformed or contrived patterns: `*` and `?` inside a
-//! class are literal characters (Go's `filepath.Match` rule, where moby's regex
-//! translation produces a broken class), and `^` outside a class is literal (moby turns it
-//! into a regex anchor that can never match).
+//! This differs from moby only in malformed or contrived patterns. `*` and `?` inside a
+//! class are literal characters, as Go's `filepath.Match` has them, where moby's regex
+//! translation produces a broken class. `^` outside a class is literal, where moby turns
+//! it into a regex anchor that can never match.
 
 use std::fmt;
 
@@ -110,7 +110,7 @@ impl IgnoreRules {
     }
 
     /// Adds an exception for `path` when the rules exclude it. The Docker CLI does this for
-    /// the Dockerfile and .dockerignore, which the engine needs whatever the file says.
+    /// the Dockerfile and .dockerignore, because the engine needs both.
     pub fn keep(&mut self, path: &str) {
         if self.excludes(path) {
             let rule = Rule::parse(&format!("!{path}")).expect("a plain path is a valid pattern");
@@ -125,7 +125,7 @@ impl IgnoreRules {
         let parents: Vec<&str> = parent_paths(&path).collect();
         let mut excluded = false;
         for rule in &self.rules {
-            // Only a rule that would flip the current answer needs to be checked.
+            // Only a rule that would flip the current result needs to be checked.
             if rule.exception != excluded {
                 continue;
             }

@@ -13,11 +13,11 @@ use bollard::Docker;
 use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::container::{OutputSink, OutputStream};
+use super::container::{OutputSink, OutputStream, ENGINE_CALL_TIMEOUT};
 use super::context::{self, ContextError, ContextSummary};
 use super::lines::LineSplitter;
 
-/// What to build.
+/// A build request: context, Dockerfile, first tag and limits.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
     /// Directory sent as the build context.
@@ -74,6 +74,13 @@ pub enum ImageError {
     },
 }
 
+/// Builds hold this lock shared, and removals of images hold it exclusively. Removing an
+/// image also removes its untagged parents, which may be cached layers that a concurrent
+/// build has just chosen as its next parent. The engine then fails that build with
+/// "unknown parent image ID", so the lock keeps removals and builds of this process apart.
+// NOTE: builds started by other processes on the same engine are not covered.
+static LAYERS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Builds an image with the engine's classic builder, streaming every output line to
 /// `output`. An error reported inside the output fails the build even though the request
 /// itself succeeded. Intermediate containers are always removed (`forcerm`); on failure,
@@ -86,7 +93,10 @@ pub async fn build(
 ) -> Result<BuiltImage, ImageError> {
     let started = Instant::now();
     let rules = context::load_rules(&spec.context_dir, &spec.dockerfile)?;
-    let (body, archiver) = context::stream(spec.context_dir.clone(), rules).into_parts();
+    let building = LAYERS.read().await;
+    let stop_archive = CancellationToken::new();
+    let (body, archiver) =
+        context::stream(spec.context_dir.clone(), rules, stop_archive.clone()).into_parts();
     let options = BuildImageOptions {
         dockerfile: spec.dockerfile.clone(),
         t: Some(spec.tag.clone()),
@@ -111,6 +121,9 @@ pub async fn build(
         }
         _ = cancel.cancelled() => Err(ImageError::Cancelled { tag: spec.tag.clone() }),
     };
+    // The engine reads the whole context before it builds, so after a successful build
+    // this only stops a writer whose reader is gone.
+    stop_archive.cancel();
     let context = archiver.await.unwrap_or_else(|err| {
         Err(ContextError::Archive {
             path: spec.context_dir.clone(),
@@ -118,6 +131,7 @@ pub async fn build(
         })
     });
 
+    drop(building);
     if let Err(err) = outcome {
         remove_intermediates(docker, &progress.intermediates).await;
         // A broken context explains a failed request better than the engine's message.
@@ -133,7 +147,7 @@ pub async fn build(
     Ok(built)
 }
 
-/// What the build output told so far.
+/// State gathered from the build output so far.
 #[derive(Default)]
 struct BuildProgress {
     tag: String,
@@ -195,6 +209,7 @@ impl BuildProgress {
 /// engine refuses to remove an image that has children or a container, so layers shared
 /// with other images stay.
 async fn remove_intermediates(docker: &Docker, ids: &[String]) {
+    let _removing = LAYERS.write().await;
     for id in ids.iter().rev() {
         let tagged = match docker.inspect_image(id).await {
             Ok(image) => image.repo_tags.is_some_and(|tags| !tags.is_empty()),
@@ -203,10 +218,13 @@ async fn remove_intermediates(docker: &Docker, ids: &[String]) {
         if tagged {
             continue;
         }
-        let options = RemoveImageOptions::default();
-        match docker.remove_image(id, Some(options), None).await {
-            Ok(_) => tracing::debug!(image.id = %id, "removed intermediate image"),
-            Err(err) => tracing::debug!(image.id = %id, error = %err, "intermediate image kept"),
+        let removal = docker.remove_image(id, Some(RemoveImageOptions::default()), None);
+        match tokio::time::timeout(ENGINE_CALL_TIMEOUT, removal).await {
+            Ok(Ok(_)) => tracing::debug!(image.id = %id, "removed intermediate image"),
+            Ok(Err(err)) => {
+                tracing::debug!(image.id = %id, error = %err, "intermediate image kept")
+            }
+            Err(_) => tracing::warn!(image.id = %id, "removing intermediate image timed out"),
         }
     }
 }
@@ -310,7 +328,9 @@ async fn follow_push(
             return Err(push_error(message));
         }
         let Some(status) = info.status else { continue };
-        if is_byte_progress(info.progress_detail.as_ref()) {
+        // The stream carries no layer ids, so per-layer waiting states say nothing.
+        let waiting = matches!(status.as_str(), "Preparing" | "Waiting");
+        if waiting || is_byte_progress(info.progress_detail.as_ref()) {
             continue;
         }
         if let Some(found) = parse_digest(&status) {
@@ -321,7 +341,7 @@ async fn follow_push(
     Ok(digest)
 }
 
-/// Whether a progress entry only counts bytes, which would flood the events.
+/// Checks whether a progress entry only counts bytes, which would flood the events.
 fn is_byte_progress(detail: Option<&ProgressDetail>) -> bool {
     detail.is_some_and(|d| d.current.is_some() || d.total.is_some())
 }
@@ -333,7 +353,7 @@ fn parse_digest(status: &str) -> Option<String> {
     digest.starts_with("sha256:").then(|| digest.to_string())
 }
 
-/// The engine's own message for an error, without bollard's wrapping.
+/// Returns the engine's own message for an error, without bollard's wrapping.
 fn engine_message(err: bollard::errors::Error) -> String {
     match err {
         bollard::errors::Error::DockerStreamError { error } => error,
@@ -345,15 +365,15 @@ fn engine_message(err: bollard::errors::Error) -> String {
 /// Removes an image reference. Removing the last tag of an image removes the image and
 /// its untagged parents; a reference already gone is fine.
 pub async fn remove(docker: &Docker, reference: &str) -> Result<(), bollard::errors::Error> {
-    match docker
-        .remove_image(reference, Some(RemoveImageOptions::default()), None)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(bollard::errors::Error::DockerResponseServerError {
+    let _removing = LAYERS.write().await;
+    let removal = docker.remove_image(reference, Some(RemoveImageOptions::default()), None);
+    match tokio::time::timeout(ENGINE_CALL_TIMEOUT, removal).await {
+        Err(_) => Err(bollard::errors::Error::RequestTimeoutError),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
-        }) => Ok(()),
-        Err(err) => Err(err),
+        })) => Ok(()),
+        Ok(Err(err)) => Err(err),
     }
 }
 

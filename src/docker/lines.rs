@@ -1,7 +1,7 @@
 //! Splitting a byte stream that arrives in arbitrary chunks into text lines.
 
-/// Longest line kept whole; a longer run of bytes without a newline is passed on in
-/// pieces of this size, so a process that never prints a newline cannot exhaust memory.
+/// Maximum line length kept whole. A longer run of bytes without a newline is passed on
+/// in pieces of this size, so a process that never prints a newline cannot exhaust memory.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Collects chunks and yields complete lines without their `\n` or `\r\n`.

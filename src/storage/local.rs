@@ -286,7 +286,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn key_with_parent_segment_is_rejected_before_touching_disk() {
+    async fn parent_segment_key_is_rejected() {
         let (_dir, store) = store();
         let err = store
             .put_stream("../escape", Box::pin(&b"x"[..]))

@@ -20,7 +20,7 @@ pub use local::LocalStore;
 /// A byte stream handed to or returned by a store.
 pub type ByteReader = Pin<Box<dyn AsyncRead + Send>>;
 
-/// What a store reports about an object it wrote.
+/// Metadata of an object that a store wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredObject {
     /// The address to record in ops.artifacts.storage_path.
@@ -30,7 +30,7 @@ pub struct StoredObject {
     pub digest: String,
 }
 
-/// Why a store operation failed. Variants name the key or location, never credentials.
+/// A failed store operation. Variants name the key or location, never credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("invalid storage key {key:?}: {reason}")]

@@ -28,7 +28,7 @@ fn double_star_matches_at_any_depth() {
 }
 
 #[test]
-fn double_star_in_the_middle_matches_zero_or_more_directories() {
+fn inner_double_star_spans_directories() {
     let rules = rules("src/**/test_*.py\n");
     assert!(rules.excludes("src/test_a.py"));
     assert!(rules.excludes("src/x/y/test_b.py"));
@@ -44,7 +44,7 @@ fn trailing_double_star_matches_everything_below() {
 }
 
 #[test]
-fn leading_double_star_with_literal_rest_is_a_suffix_match() {
+fn leading_double_star_matches_suffix() {
     let rules = rules("**/node_modules\n");
     assert!(rules.excludes("node_modules"));
     assert!(rules.excludes("web/node_modules/x.js"));
@@ -82,7 +82,7 @@ fn exception_inside_an_excluded_directory() {
 }
 
 #[test]
-fn exception_with_leading_wildcard_does_not_reach_into_directories() {
+fn wildcard_exception_skips_excluded_directories() {
     let rules = rules("docs\n!**/README.md\n");
     assert!(!rules.may_include_inside("docs"));
 }

@@ -19,7 +19,7 @@ pub struct BuildLog {
     events: EventSink,
     path: PathBuf,
     file: GzipEncoder<BufWriter<tokio::fs::File>>,
-    /// The first write error; later lines are still sent as events.
+    /// The first write error. Later lines are still sent as events.
     write_error: Option<std::io::Error>,
     scan: Option<TestScan>,
     lines: u64,
@@ -147,8 +147,8 @@ impl OutputSink for BuildLog {
     }
 }
 
-/// Whether an output line reports a failure that Odoo may not reflect in its exit code: a
-/// log record at ERROR or CRITICAL level, or a unittest `FAIL:` line.
+/// Checks whether an output line reports a failure that Odoo may not reflect in its exit
+/// code: a log record at ERROR or CRITICAL level, or a unittest `FAIL:` line.
 ///
 /// Odoo's log format is `2024-05-01 10:00:00,123 42 ERROR dbname logger: message`, so
 /// the level is the fourth field of a line that starts with a date. Only that field is

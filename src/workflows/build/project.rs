@@ -1,5 +1,5 @@
-//! What a build needs to know about its project: where the sources are, where the image
-//! goes, and the per-project and per-environment settings that override the agent's.
+//! A build's project settings: the source repository, the image repository, and the
+//! per-project and per-environment settings that override the agent's.
 //!
 //! Overrides live under the key `build` of ops.projects.config and ops.environments.config;
 //! an environment's value wins over its project's:

@@ -1,4 +1,5 @@
-//! The steps of a build, in order: fetch, build, test, push.
+//! The steps of a build, in order: fetch, build (while the test database is created),
+//! test, push (while the test database is dropped).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -6,8 +7,9 @@ use std::time::{Duration, Instant};
 use bollard::auth::DockerCredentials;
 use bollard::Docker;
 use serde_json::json;
+use tokio::task::JoinHandle;
 
-use crate::config::RegistrySettings;
+use crate::config::{RegistrySettings, TestDatabaseSettings};
 use crate::docker::container::{self, ContainerSpec};
 use crate::docker::image::{self, BuildSpec, BuiltImage};
 use crate::events::Level;
@@ -53,7 +55,7 @@ pub struct Build<'a> {
     local_refs: Vec<String>,
 }
 
-/// What the build step produced.
+/// The image that the build step produced, with its references.
 struct Image {
     commit: String,
     reference: String,
@@ -81,10 +83,44 @@ impl<'a> Build<'a> {
 
     pub async fn run(&mut self) -> RunResult {
         let commit = timed("fetch", self.fetch()).await?;
-        let image = timed("build", self.build(commit)).await?;
-        let test_seconds = timed("test", self.test(&image)).await?;
-        let digest = timed("push", self.push(&image)).await?;
-        self.record(&image, &digest).await?;
+
+        // The test database is created while the image builds: creating a database
+        // copies template1 and can take a second or more.
+        let settings = self.ctx.settings.build.test_database.clone();
+        let (image, database) = tokio::join!(
+            timed("build", self.build(commit)),
+            create_test_database(settings)
+        );
+        let image = match image {
+            Ok(image) => image,
+            Err(failure) => {
+                if let Ok(Some(database)) = database {
+                    self.drop_test_database(tokio::spawn(database.drop_now()))
+                        .await;
+                }
+                return Err(failure);
+            }
+        };
+        let database = database.step("test")?;
+        self.announce_test_database(database.as_ref()).await;
+
+        let tested = timed("test", self.test(&image, database.as_ref())).await;
+        // Dropping also waits for a checkpoint, so it overlaps the push.
+        let dropping = database.map(|database| tokio::spawn(database.drop_now()));
+        let published = match tested {
+            Ok(seconds) => self.publish(&image, seconds).await,
+            Err(failure) => Err(failure),
+        };
+        if let Some(dropping) = dropping {
+            self.drop_test_database(dropping).await;
+        }
+        published
+    }
+
+    /// Pushes the image, records it, and returns the run's metadata.
+    async fn publish(&mut self, image: &Image, test_seconds: f64) -> RunResult {
+        let digest = timed("push", self.push(image)).await?;
+        self.record(image, &digest).await?;
         Ok(json!({
             "image": image.reference,
             "digest": digest,
@@ -94,6 +130,17 @@ impl<'a> Build<'a> {
             "build_time_seconds": round(image.built.duration),
             "test_time_seconds": test_seconds,
         }))
+    }
+
+    /// Waits for a test database drop started earlier and reports a failure as a warning.
+    async fn drop_test_database(&mut self, dropping: JoinHandle<anyhow::Result<()>>) {
+        let error = match dropping.await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => format!("{err:#}"),
+            Err(err) => err.to_string(),
+        };
+        let message = format!("Dropping the test database failed: {error}");
+        self.log.note(Level::Warn, &message).await;
     }
 
     /// Removes the local image references of a failed run, and returns the log.
@@ -132,7 +179,9 @@ impl<'a> Build<'a> {
             context_dir: self.workspace.path().join("source").join(&project.context),
             dockerfile: project.dockerfile.clone(),
             tag: reference.clone(),
-            labels: self.labels(&commit),
+            // The classic builder adds each label as a step of its own, with a container
+            // and a commit, and the tag already names the commit.
+            labels: HashMap::new(),
             pull: self.ctx.settings.build.pull,
             timeout: self.ctx.settings.build.build_timeout,
         };
@@ -186,9 +235,12 @@ impl<'a> Build<'a> {
     }
 
     /// Runs the test command; returns its duration in seconds.
-    async fn test(&mut self, image: &Image) -> Result<f64, StepError> {
-        let database = self.create_test_database().await?;
-        let spec = self.test_container(image, database.as_ref());
+    async fn test(
+        &mut self,
+        image: &Image,
+        database: Option<&TestDatabase>,
+    ) -> Result<f64, StepError> {
+        let spec = self.test_container(image, database);
         self.note(format!(
             "Running tests: {} (timeout {} s)",
             self.plan.project.test_command.join(" "),
@@ -200,13 +252,6 @@ impl<'a> Build<'a> {
         let outcome =
             container::run_to_completion(self.docker, &spec, &mut self.log, &self.ctx.cancel).await;
         let scan = self.log.finish_test_scan();
-        if let Some(database) = database {
-            let name = database.name.clone();
-            if let Err(err) = database.drop_now().await {
-                let message = format!("Dropping test database {name} failed: {err:#}");
-                self.log.note(Level::Warn, &message).await;
-            }
-        }
 
         let exit = outcome.step("test")?;
         check_test_outcome(exit, &scan)?;
@@ -219,13 +264,13 @@ impl<'a> Build<'a> {
         Ok(seconds)
     }
 
-    async fn create_test_database(&mut self) -> Result<Option<TestDatabase>, StepError> {
-        let Some(settings) = &self.ctx.settings.build.test_database else {
+    /// Reports the test database, and hides its password from the log and events.
+    async fn announce_test_database(&mut self, database: Option<&TestDatabase>) {
+        let Some(database) = database else {
             let message = "No [build.test_database] configured; the tests run without a database";
             self.log.note(Level::Warn, message).await;
-            return Ok(None);
+            return;
         };
-        let database = TestDatabase::create(settings).await.step("test")?;
         self.log
             .add_secret(database.password().expose().to_string());
         self.note(format!(
@@ -233,7 +278,6 @@ impl<'a> Build<'a> {
             database.name, database.host, database.port
         ))
         .await;
-        Ok(Some(database))
     }
 
     fn test_container(&self, image: &Image, database: Option<&TestDatabase>) -> ContainerSpec {
@@ -335,6 +379,16 @@ impl<'a> Build<'a> {
 
     async fn note(&mut self, message: String) {
         self.log.note(Level::Info, &message).await;
+    }
+}
+
+/// Creates the test database when one is configured.
+async fn create_test_database(
+    settings: Option<TestDatabaseSettings>,
+) -> anyhow::Result<Option<TestDatabase>> {
+    match settings {
+        Some(settings) => TestDatabase::create(&settings).await.map(Some),
+        None => Ok(None),
     }
 }
 

@@ -9,11 +9,11 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{is_path_component, is_registry_host, RegistrySettings};
 
-/// Longest tag Docker accepts.
+/// Maximum tag length Docker accepts.
 pub const MAX_TAG_LEN: usize = 128;
 /// Appended to the ref slug for the moving tag, as the OdooOps GitHub build job does.
 pub const LATEST_SUFFIX: &str = "-latest";
-/// Longest repository reference (host, port and path) a registry accepts.
+/// Maximum length of a repository reference (host, port and path) a registry accepts.
 const MAX_REPOSITORY_LEN: usize = 255;
 
 /// Turns a git ref into the first part of a tag: `refs/heads/` or `refs/tags/` is dropped,
@@ -53,7 +53,7 @@ fn short_hash(text: &str) -> String {
     hex::encode(&Sha256::digest(text.as_bytes())[..4])
 }
 
-/// Whether `tag` matches Docker's tag grammar.
+/// Checks that `tag` matches Docker's tag grammar.
 pub fn is_valid_tag(tag: &str) -> bool {
     let bytes = tag.as_bytes();
     let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
@@ -158,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn long_refs_are_cut_to_fit_and_stay_distinct() {
+    fn long_refs_are_cut_and_distinct() {
         let long_a = format!("feature/{}", "a".repeat(300));
         let long_b = format!("feature/{}b", "a".repeat(300));
         let tag_a = slug_tag(&long_a);

@@ -1,8 +1,10 @@
 //! Throwaway databases for test runs.
 //!
 //! Each test run gets a new role and a database it owns on the configured server, with a
-//! random password, so the test container never sees the admin credentials. Both are
+//! random password, so the admin credentials never reach the test container. Both are
 //! dropped afterwards, also when the run fails or is cancelled.
+
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio_postgres::Client;
@@ -25,6 +27,17 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates the role and the database.
     pub async fn create(settings: &TestDatabaseSettings) -> anyhow::Result<TestDatabase> {
+        tokio::time::timeout(STATEMENT_TIMEOUT, Self::create_now(settings))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "creating the test database took over {} s",
+                    STATEMENT_TIMEOUT.as_secs()
+                )
+            })?
+    }
+
+    async fn create_now(settings: &TestDatabaseSettings) -> anyhow::Result<TestDatabase> {
         let name = format!(
             "odooops_build_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -79,7 +92,7 @@ impl TestDatabase {
         .collect()
     }
 
-    /// The password, for removing it from anything shown to users.
+    /// Returns the password, for removing it from anything shown to users.
     pub fn password(&self) -> &Secret {
         &self.password
     }
@@ -110,6 +123,10 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Maximum wait for creating or dropping a test database. PostgreSQL waits for locks
+/// (such as another session on template1) instead of failing.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn connect(admin_url: &Secret) -> anyhow::Result<Client> {
     let config = crate::db::parse_url(admin_url).map_err(anyhow::Error::msg)?;
     let target = crate::db::describe(&config);
@@ -122,6 +139,15 @@ async fn connect(admin_url: &Secret) -> anyhow::Result<Client> {
 }
 
 async fn drop_database(admin_url: &Secret, name: &str) -> anyhow::Result<()> {
+    tokio::time::timeout(STATEMENT_TIMEOUT, drop_database_now(admin_url, name))
+        .await
+        .map_err(|_| {
+            let secs = STATEMENT_TIMEOUT.as_secs();
+            anyhow::anyhow!("dropping test database {name} took over {secs} s")
+        })?
+}
+
+async fn drop_database_now(admin_url: &Secret, name: &str) -> anyhow::Result<()> {
     let admin = connect(admin_url).await?;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
