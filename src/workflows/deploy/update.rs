@@ -53,69 +53,76 @@ pub async fn update_modules(
     events: &EventSink,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let command = container::update_command(request.config, request.db_name, request.modules);
-    let body = container::update_body(
-        request.config,
-        request.image,
-        request.labels,
-        request.env,
-        command.clone(),
-    );
-    let name = request.config.update_name();
-    events
-        .info(format!(
-            "Updating modules {} with {}",
-            request.modules.argument(),
-            request.image
-        ))
-        .await;
-    tracing::info!(container = %name, modules = %request.modules.argument(), "module update started");
+    let config = request.config;
+    let modules = request.modules.argument();
+    let command = container::update_command(config, request.db_name, request.modules);
+    let body = container::update_body(config, request.image, request.labels, request.env, command);
+    let name = config.update_name();
+    let message = format!("Updating modules {modules} with {}", request.image);
+    events.info(message).await;
+    tracing::info!(container = %name, modules = %modules, "module update started");
     let started = Instant::now();
 
-    let mut error_lines: Vec<String> = Vec::new();
-    let mut lines = 0u64;
-    let code = oneshot::run_to_completion(
-        docker,
-        &name,
-        body,
-        request.config.update_timeout,
-        cancel,
-        |line| {
-            lines += 1;
-            let level = if is_failure_line(&line) {
-                error_lines.push(line.clone());
-                Level::Error
-            } else {
-                Level::Info
-            };
+    let mut log = UpdateLog::default();
+    let code =
+        oneshot::run_to_completion(docker, &name, body, config.update_timeout, cancel, |line| {
+            let level = log.add(&line);
             let events = events.clone();
             async move { events.send(level, line, None).await }
-        },
-    )
-    .await?;
+        })
+        .await?;
 
     let elapsed = started.elapsed().as_secs_f64();
     tracing::info!(container = %name, exit_code = code, elapsed_s = elapsed, "module update finished");
-    if code != 0 || !error_lines.is_empty() {
-        let quoted: Vec<&str> = error_lines
+    if code != 0 || !log.errors.is_empty() {
+        bail!(
+            "module update exited with code {code} after {elapsed:.1} s and {}",
+            log.describe_errors()
+        );
+    }
+    let message = format!(
+        "Module update finished in {elapsed:.1} s ({} log lines)",
+        log.lines
+    );
+    events.info(message).await;
+    Ok(())
+}
+
+/// What the update logged: the line count and the ERROR and CRITICAL lines.
+#[derive(Default)]
+struct UpdateLog {
+    lines: u64,
+    errors: Vec<String>,
+}
+
+impl UpdateLog {
+    /// Counts a line and returns the event level it gets.
+    fn add(&mut self, line: &str) -> Level {
+        self.lines += 1;
+        if is_failure_line(line) {
+            self.errors.push(line.to_string());
+            Level::Error
+        } else {
+            Level::Info
+        }
+    }
+
+    fn describe_errors(&self) -> String {
+        if self.errors.is_empty() {
+            return "logged no ERROR or CRITICAL line".to_string();
+        }
+        let quoted: Vec<&str> = self
+            .errors
             .iter()
             .take(QUOTED_ERROR_LINES)
             .map(String::as_str)
             .collect();
-        bail!(
-            "module update exited with code {code} after {elapsed:.1} s and logged {} ERROR or \
-             CRITICAL lines{}{}",
-            error_lines.len(),
-            if quoted.is_empty() { "" } else { ": " },
+        format!(
+            "logged {} ERROR or CRITICAL lines: {}",
+            self.errors.len(),
             quoted.join(" | ")
-        );
+        )
     }
-    events
-        .info(format!(
-            "Module update finished in {elapsed:.1} s ({lines} log lines)"
-        ))
-        .await;
-    Ok(())
 }
 
 #[cfg(test)]
