@@ -197,8 +197,6 @@ impl EnvConfig {
     }
 }
 
-/// Docker's rule for container and volume names.
-
 /// Reads an environment variable's value on the agent's host.
 pub fn resolve_env_value(name: &str, value: &EnvValue) -> Result<Secret, EnvConfigError> {
     match value {

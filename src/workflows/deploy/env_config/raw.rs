@@ -141,6 +141,7 @@ impl EnvConfig {
     }
 }
 
+/// Docker's rule for container and volume names.
 fn check_docker_name(key: &str, name: &str) -> Result<(), EnvConfigError> {
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
