@@ -12,6 +12,8 @@
 //! - [`agent`]: the daemon loop: concurrency, wake-ups, reaping, shutdown.
 //! - [`workflows`]: one module per kind of run.
 //! - [`docker`]: the Docker Engine client.
+//! - [`storage`]: the artifact store for run logs and backups.
+//! - [`source`]: fetching a project's commit with git.
 //! - [`systemd`]: readiness and watchdog notifications.
 
 #![forbid(unsafe_code)]
@@ -25,5 +27,7 @@ pub mod logging;
 pub mod migrate;
 pub mod queue;
 pub mod secret;
+pub mod source;
+pub mod storage;
 pub mod systemd;
 pub mod workflows;

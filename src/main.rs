@@ -94,7 +94,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             logging::init(&settings.log);
             let mode = if once { Mode::Once } else { Mode::Daemon };
             let shutdown = Shutdown::default();
-            install_signal_handlers(shutdown.clone()).map_err(Failure::Other)?;
+            shutdown.on_signals().map_err(|err| {
+                Failure::Other(anyhow::anyhow!("installing signal handlers failed: {err}"))
+            })?;
             agent::run(Arc::new(settings), Workflows::standard(), mode, shutdown)
                 .await
                 .map(|_| ())
@@ -186,26 +188,5 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         version.version.unwrap_or_default(),
         engine.client_version()
     );
-    Ok(())
-}
-
-/// The first SIGTERM or SIGINT stops claiming and drains; a second one hands running
-/// runs back at once.
-fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if shutdown.drain.is_cancelled() {
-                    tracing::warn!(signal, "second stop signal; handing runs back now");
-                    shutdown.hand_back.cancel();
-                } else {
-                    tracing::info!(signal, "stop signal received; draining");
-                    shutdown.drain.cancel();
-                }
-            }
-        })?;
     Ok(())
 }

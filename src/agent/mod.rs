@@ -2,6 +2,7 @@
 //! expired leases, and drains on shutdown.
 
 mod runner;
+mod shutdown;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,19 +17,12 @@ use crate::systemd;
 use crate::workflows::Workflows;
 
 pub use runner::StopReason;
+pub use shutdown::Shutdown;
 
 /// Longest pause between claim attempts while the database is unreachable.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(30);
 /// How long handed-back runs get to write their last events and release their leases.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(45);
-
-/// How the daemon is told to stop. `drain` stops claiming and waits for running runs up
-/// to the grace period; `hand_back` stops them at once and returns them to the queue.
-#[derive(Clone, Default)]
-pub struct Shutdown {
-    pub drain: CancellationToken,
-    pub hand_back: CancellationToken,
-}
 
 /// When the claim loop exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,12 +126,14 @@ async fn claim_loop(
     let mut summary = Summary::default();
     let mut backoff = Duration::from_millis(100);
     loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            log_task_failure(joined);
+        }
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
-            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.stopping() => break,
         };
-        if shutdown.drain.is_cancelled() {
+        if shutdown.is_stopping() {
             break;
         }
         match shared.queue.claim().await {
@@ -155,8 +151,10 @@ async fn claim_loop(
                 tokio::select! {
                     _ = wake.notified() => {}
                     _ = tokio::time::sleep(poll_interval) => {}
-                    _ = shutdown.drain.cancelled() => break,
-                    Some(_) = tasks.join_next(), if mode == Mode::Once => {}
+                    _ = shutdown.stopping() => break,
+                    Some(joined) = tasks.join_next(), if mode == Mode::Once => {
+                        log_task_failure(joined);
+                    }
                 }
             }
             Err(err) => {
@@ -166,15 +164,27 @@ async fn claim_loop(
                     retry_in_ms = backoff.as_millis() as u64,
                     "claiming a run failed"
                 );
+                // The listener wakes the loop when it reconnects, which is the first sign
+                // that the database is back.
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.drain.cancelled() => break,
+                    _ = wake.notified() => {}
+                    _ = shutdown.stopping() => break,
                 }
                 backoff = (backoff * 2).min(MAX_CLAIM_BACKOFF);
             }
         }
     }
     summary
+}
+
+/// Logs a run task that panicked outside its workflow, which catches its own panics.
+fn log_task_failure(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined {
+        if err.is_panic() {
+            tracing::error!(error = %err, "a run task panicked; its lease will expire");
+        }
+    }
 }
 
 /// Waits for running runs up to the grace period, then hands the rest back.
@@ -188,7 +198,11 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
         "stopped claiming; waiting for running runs"
     );
     let started = Instant::now();
-    let all_done = async { while tasks.join_next().await.is_some() {} };
+    let all_done = async {
+        while let Some(joined) = tasks.join_next().await {
+            log_task_failure(joined);
+        }
+    };
     let finished = tokio::select! {
         _ = all_done => true,
         _ = tokio::time::sleep(grace) => false,

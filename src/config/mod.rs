@@ -5,15 +5,21 @@
 //! config.example.toml documents the same keys. A bad value is reported with its key and
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
+mod build;
 mod deploy;
 mod raw;
+mod registry;
+mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
+pub use build::{BuildSettings, CommandLine, TestDatabaseSettings, DEFAULT_TEST_COMMAND};
 pub use deploy::{DeploySettings, RegistryCredentials};
 pub use raw::RawConfig;
+pub use registry::{is_path_component, is_registry_host, RegistrySettings};
+pub use storage::{StorageBackend, StorageSettings, DEFAULT_ARTIFACT_DIR};
 
 /// Environment variable that overrides `database.url` for every subcommand.
 pub const DATABASE_URL_ENV: &str = "ODOOOPS_DATABASE_URL";
@@ -90,6 +96,10 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub docker: DockerSettings,
     pub log: LogSettings,
+    pub storage: StorageSettings,
+    pub build: BuildSettings,
+    /// `None` when no `[registry]` section is configured.
+    pub registry: Option<RegistrySettings>,
     pub deploy: DeploySettings,
 }
 

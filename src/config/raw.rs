@@ -18,6 +18,12 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub storage: super::storage::RawStorage,
+    #[serde(default)]
+    pub build: super::build::RawBuild,
+    #[serde(default)]
+    pub registry: super::registry::RawRegistry,
+    #[serde(default)]
     pub deploy: super::deploy::RawDeploy,
 }
 
@@ -76,6 +82,9 @@ impl RawConfig {
             database: self.database.validate(database_url)?,
             docker: self.docker.validate()?,
             log: self.log.validate()?,
+            storage: self.storage.validate()?,
+            build: self.build.validate()?,
+            registry: self.registry.validate()?,
             deploy: self.deploy.validate()?,
         })
     }

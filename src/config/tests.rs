@@ -95,3 +95,13 @@ fn docker_host_without_scheme_is_rejected() {
         .to_string();
     assert!(err.contains("docker.host"), "{err}");
 }
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let settings = parse(&text).unwrap();
+    assert_eq!(settings.agent.lease, DEFAULT_LEASE);
+    assert_eq!(settings.agent.poll_interval, DEFAULT_POLL_INTERVAL);
+    assert_eq!(settings.database.pool_size, DEFAULT_POOL_SIZE);
+}

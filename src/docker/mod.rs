@@ -1,4 +1,12 @@
-//! The Docker Engine API client.
+//! The Docker Engine API client and the helpers workflows use: [`image`] builds, tags and
+//! pushes images from a [`context`] directory filtered by [`ignore`] rules, and
+//! [`container`] runs one-off containers with their output streamed line by line.
+
+pub mod container;
+pub mod context;
+pub mod ignore;
+pub mod image;
+pub mod lines;
 
 pub mod oneshot;
 pub mod pull;

@@ -7,15 +7,23 @@
 
 pub mod listener;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
+use tokio::time::error::Elapsed;
+use tokio::time::timeout;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, CallError};
+
+/// Maximum wait for the reply to one queue call. A healthy control plane replies within
+/// milliseconds, so a call still waiting after this is on a dead connection. That
+/// connection is closed, and the next call opens a fresh one.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Proof that this agent holds a run: its id and the token of the current claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +46,13 @@ pub struct ClaimedRun {
     pub max_attempts: i32,
     pub created_at: DateTime<Utc>,
     pub lease: Lease,
+    /// When this agent sent the claim. The database set the lease to expire no earlier
+    /// than the lease length after this instant.
+    pub claimed_at: Instant,
 }
 
 impl ClaimedRun {
-    fn from_row(row: &Row) -> Result<ClaimedRun, tokio_postgres::Error> {
+    fn from_row(row: &Row, claimed_at: Instant) -> Result<ClaimedRun, tokio_postgres::Error> {
         let run_id = row.try_get("run_id")?;
         Ok(ClaimedRun {
             run_id,
@@ -58,6 +69,7 @@ impl ClaimedRun {
                 run_id,
                 token: row.try_get("lease_token")?,
             },
+            claimed_at,
         })
     }
 }
@@ -128,7 +140,7 @@ pub fn db_error_text(err: &tokio_postgres::Error) -> String {
 pub struct ReapedRun {
     pub run_id: Uuid,
     pub worker_id: Option<String>,
-    /// "requeued" or "failed".
+    /// "requeued", "failed" or "cancelled".
     pub action: String,
 }
 
@@ -178,27 +190,43 @@ impl Queue {
         self.pool.get().await.map_err(QueueError::from_pool)
     }
 
+    /// Maps the outcome of a call raced against [`CALL_TIMEOUT`]. `run_id` turns
+    /// SQLSTATE OPL01 into [`QueueError::LeaseLost`] for that run.
+    fn answer<T>(
+        client: deadpool_postgres::Object,
+        outcome: Result<Result<T, tokio_postgres::Error>, Elapsed>,
+        run_id: Option<Uuid>,
+    ) -> Result<T, QueueError> {
+        db::check_answer(client, outcome, CALL_TIMEOUT).map_err(|err| match err {
+            CallError::Database(err) => QueueError::from_pg(err, run_id),
+            CallError::TimedOut(limit) => QueueError::Unavailable(format!(
+                "no reply within {} s; the connection was closed",
+                limit.as_secs()
+            )),
+        })
+    }
+
     /// Claims the oldest claimable run, if any. See ops.claim_next_run for how long its
     /// row lock lives and what happens to the run if this agent dies.
     pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
+        let filter = &self.filter;
+        let claimed_at = Instant::now();
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        let row = client
-            .query_opt(
-                &statement,
-                &[
-                    &self.filter.worker_id,
-                    &self.filter.env_ids,
-                    &self.filter.workflows,
-                    &self.lease_secs(),
-                ],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        row.map(|row| ClaimedRun::from_row(&row))
+        let outcome = timeout(CALL_TIMEOUT, async {
+            let statement = client
+                .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
+                .await?;
+            let params: [&(dyn ToSql + Sync); 4] = [
+                &filter.worker_id,
+                &filter.env_ids,
+                &filter.workflows,
+                &self.lease_secs(),
+            ];
+            client.query_opt(&statement, &params).await
+        })
+        .await;
+        let row = Queue::answer(client, outcome, None)?;
+        row.map(|row| ClaimedRun::from_row(&row, claimed_at))
             .transpose()
             .map_err(|err| QueueError::Rejected(format!("unexpected claim row: {err}")))
     }
@@ -206,17 +234,19 @@ impl Queue {
     /// Renews the lease. Returns whether cancellation of the run was requested.
     pub async fn heartbeat(&self, lease: Lease) -> Result<bool, QueueError> {
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        let row = client
-            .query_one(
-                &statement,
-                &[&lease.run_id, &lease.token, &self.lease_secs()],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        let outcome = timeout(CALL_TIMEOUT, async {
+            let statement = client
+                .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
+                .await?;
+            client
+                .query_one(
+                    &statement,
+                    &[&lease.run_id, &lease.token, &self.lease_secs()],
+                )
+                .await
+        })
+        .await;
+        let row = Queue::answer(client, outcome, Some(lease.run_id))?;
         Ok(row.get(0))
     }
 
@@ -228,40 +258,40 @@ impl Queue {
         metadata: &Value,
     ) -> Result<(), QueueError> {
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT 1 FROM ops.finish_run($1, $2, $3, $4)")
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        client
-            .execute(
-                &statement,
-                &[&lease.run_id, &status.as_str(), metadata, &lease.token],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        let outcome = timeout(CALL_TIMEOUT, async {
+            let statement = client
+                .prepare_cached("SELECT 1 FROM ops.finish_run($1, $2, $3, $4)")
+                .await?;
+            let params: [&(dyn ToSql + Sync); 4] =
+                [&lease.run_id, &status.as_str(), metadata, &lease.token];
+            client.execute(&statement, &params).await
+        })
+        .await;
+        Queue::answer(client, outcome, Some(lease.run_id))?;
         Ok(())
     }
 
     /// Hands the run back to the queue without using up an attempt.
     pub async fn release(&self, lease: Lease, reason: &str) -> Result<(), QueueError> {
         let client = self.client().await?;
-        client
-            .execute(
+        let outcome = timeout(
+            CALL_TIMEOUT,
+            client.execute(
                 "SELECT ops.release_run($1, $2, $3)",
                 &[&lease.run_id, &lease.token, &reason],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+            ),
+        )
+        .await;
+        Queue::answer(client, outcome, Some(lease.run_id))?;
         Ok(())
     }
 
     /// Takes back runs whose leases expired, from any agent.
     pub async fn reap_expired(&self) -> Result<Vec<ReapedRun>, QueueError> {
         let client = self.client().await?;
-        let rows = client
-            .query("SELECT * FROM ops.reap_expired_runs()", &[])
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
+        let query = client.query("SELECT * FROM ops.reap_expired_runs()", &[]);
+        let outcome = timeout(CALL_TIMEOUT, query).await;
+        let rows = Queue::answer(client, outcome, None)?;
         Ok(rows
             .iter()
             .map(|row| ReapedRun {
@@ -275,21 +305,21 @@ impl Queue {
     /// Records an artifact of a run this agent holds.
     pub async fn add_artifact(&self, lease: Lease, artifact: &Artifact) -> Result<(), QueueError> {
         let client = self.client().await?;
-        client
-            .execute(
-                "SELECT 1 FROM ops.add_artifact($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &lease.run_id,
-                    &artifact.artifact_type,
-                    &artifact.storage_path,
-                    &artifact.digest,
-                    &artifact.size_bytes,
-                    &artifact.metadata,
-                    &lease.token,
-                ],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        let params: [&(dyn ToSql + Sync); 7] = [
+            &lease.run_id,
+            &artifact.artifact_type,
+            &artifact.storage_path,
+            &artifact.digest,
+            &artifact.size_bytes,
+            &artifact.metadata,
+            &lease.token,
+        ];
+        let insert = client.execute(
+            "SELECT 1 FROM ops.add_artifact($1, $2, $3, $4, $5, $6, $7)",
+            &params,
+        );
+        let outcome = timeout(CALL_TIMEOUT, insert).await;
+        Queue::answer(client, outcome, Some(lease.run_id))?;
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! finishing) stay in the agent; a workflow only watches `ctx.cancel` and cleans up what
 //! it started when it fires.
 
+pub mod build;
 pub mod deploy;
 
 use std::collections::BTreeMap;
@@ -130,6 +131,7 @@ impl Workflows {
     /// The workflows this binary implements.
     pub fn standard() -> Workflows {
         let mut workflows = Workflows::new();
+        workflows.register("build", build::BuildWorkflow::new());
         workflows.register("deploy", deploy::DeployWorkflow);
         workflows.register("promote", deploy::DeployWorkflow);
         workflows.register("rollback", deploy::DeployWorkflow);

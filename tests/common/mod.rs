@@ -3,6 +3,13 @@
 
 #![allow(dead_code)]
 
+pub mod agents;
+pub mod child;
+pub mod proxy;
+pub mod runs;
+pub mod wait;
+pub mod workflows;
+
 use std::path::Path;
 use std::sync::Arc;
 

@@ -56,9 +56,16 @@ async fn execute(ctx: &RunContext) -> RunResult {
     let kind = Kind::from_workflow(&ctx.run.workflow).ok_or_else(|| {
         StepError::invalid(format!("workflow {:?} is not a deploy", ctx.run.workflow))
     })?;
-    let site = target::load_site(ctx.pool(), &ctx.run.project_id, &ctx.run.env_id)
+    let mut site = target::load_site(ctx.pool(), &ctx.run.project_id, &ctx.run.env_id)
         .await
         .step("validate")?;
+    // Deploy the repository the build pushed to: an image named without a registry host
+    // lives on the configured registry.
+    if let (Some(repository), Some(registry)) = (&site.image_repository, &ctx.settings.registry) {
+        let pushed = crate::workflows::build::tags::image_repository(repository, registry)
+            .map_err(StepError::invalid)?;
+        site.image_repository = Some(pushed);
+    }
     let config = EnvConfig::parse(&site.config, &site.db_name).map_err(StepError::invalid)?;
     let probe_url = config
         .health
