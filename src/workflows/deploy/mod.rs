@@ -32,6 +32,7 @@ use bollard::Docker;
 use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 
+use crate::config::{RegistryCredentials, Settings};
 use crate::docker::{self, pull};
 use crate::workflows::{RunContext, RunResult, StepError, StepResultExt, Workflow};
 use container::Labels;
@@ -127,6 +128,24 @@ async fn check_approvals(ctx: &RunContext) -> Result<(), StepError> {
     Ok(())
 }
 
+/// The login for a registry host: a `[[deploy.registries]]` entry, or else the `[registry]`
+/// section when it is for that host, which is where the build pushes.
+fn registry_login(settings: &Settings, host: &str) -> Option<RegistryCredentials> {
+    if let Some(login) = settings.deploy.credentials_for(host) {
+        return Some(login.clone());
+    }
+    let registry = settings.registry.as_ref()?;
+    let (username, password) = registry.credentials.clone()?;
+    registry
+        .host
+        .eq_ignore_ascii_case(host)
+        .then(|| RegistryCredentials {
+            host: registry.host.clone(),
+            username,
+            password,
+        })
+}
+
 /// One run's deploy into one environment.
 pub(crate) struct Deploy<'a> {
     ctx: &'a RunContext,
@@ -142,8 +161,8 @@ pub(crate) struct Deploy<'a> {
 impl Deploy<'_> {
     async fn fetch_image(&self, image: &str) -> Result<(), pull::PullError> {
         let registry = pull::registry_host(image);
-        let credentials = self.ctx.settings.deploy.credentials_for(registry);
-        let source = pull::ensure_image(&self.docker, image, credentials).await?;
+        let credentials = registry_login(&self.ctx.settings, registry);
+        let source = pull::ensure_image(&self.docker, image, credentials.as_ref()).await?;
         let message = match source {
             pull::ImageSource::Local => format!("Image {image} is on this host"),
             pull::ImageSource::Pulled => format!("Pulled image {image} from {registry}"),

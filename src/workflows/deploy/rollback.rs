@@ -8,7 +8,6 @@ use super::container::{self, LABEL_SHA};
 use super::health::GateReport;
 use super::target::{self, PastDeploy};
 use super::{hooks, Deploy, UpdateOutcome};
-use crate::docker::oneshot::remove_if_present;
 use crate::events::Level;
 use crate::workflows::StepError;
 
@@ -119,7 +118,7 @@ impl Deploy<'_> {
         previous: &PastDeploy,
         update: &UpdateOutcome,
     ) -> anyhow::Result<GateReport> {
-        remove_if_present(&self.docker, &self.config.container_name).await?;
+        container::remove_if_present(&self.docker, &self.config.container_name).await?;
         if update.ran {
             hooks::restore_before_rollback(self.ctx, &self.site, update.backup.as_ref()).await?;
         }

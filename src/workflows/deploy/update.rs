@@ -1,15 +1,14 @@
 //! The module update: `odoo -u` in a one-off container from the new image, judged by its
 //! exit code and by the ERROR and CRITICAL lines of its log.
 
-use std::time::Instant;
-
-use anyhow::bail;
+use anyhow::{bail, Context};
 use bollard::Docker;
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::container::{self, Labels};
 use super::env_config::{EnvConfig, Modules};
-use crate::docker::oneshot;
+use crate::docker::container::{remove_container, run_to_completion, OutputSink, OutputStream};
 use crate::events::{EventSink, Level};
 
 /// Error lines quoted in the failure message; the events keep all of them.
@@ -55,30 +54,29 @@ pub async fn update_modules(
 ) -> anyhow::Result<()> {
     let config = request.config;
     let modules = request.modules.argument();
-    let command = container::update_command(config, request.db_name, request.modules);
-    let body = container::update_body(config, request.image, request.labels, request.env, command);
+    let spec = container::update_spec(&request);
     let name = config.update_name();
     let message = format!("Updating modules {modules} with {}", request.image);
     events.info(message).await;
     tracing::info!(container = %name, modules = %modules, "module update started");
-    let started = Instant::now();
 
-    let mut log = UpdateLog::default();
-    let code =
-        oneshot::run_to_completion(docker, &name, body, config.update_timeout, cancel, |line| {
-            let level = log.add(&line);
-            let events = events.clone();
-            async move { events.send(level, line, None).await }
-        })
-        .await?;
+    // A container left under this name by a crashed deploy would block the new one.
+    remove_container(docker, &name)
+        .await
+        .with_context(|| format!("removing the leftover container {name} failed"))?;
+    let mut log = UpdateLog {
+        events: events.clone(),
+        lines: 0,
+        errors: Vec::new(),
+    };
+    let exit = run_to_completion(docker, &spec, &mut log, cancel).await?;
 
-    let elapsed = started.elapsed().as_secs_f64();
+    let code = exit.exit_code;
+    let elapsed = exit.duration.as_secs_f64();
     tracing::info!(container = %name, exit_code = code, elapsed_s = elapsed, "module update finished");
     if code != 0 || !log.errors.is_empty() {
-        bail!(
-            "module update exited with code {code} after {elapsed:.1} s and {}",
-            log.describe_errors()
-        );
+        let errors = log.describe_errors();
+        bail!("module update exited with code {code} after {elapsed:.1} s and {errors}");
     }
     let message = format!(
         "Module update finished in {elapsed:.1} s ({} log lines)",
@@ -88,25 +86,28 @@ pub async fn update_modules(
     Ok(())
 }
 
-/// What the update logged: the line count and the ERROR and CRITICAL lines.
-#[derive(Default)]
+/// What the update logged: the line count and the ERROR and CRITICAL lines. Every line
+/// is also sent on as an event.
 struct UpdateLog {
+    events: EventSink,
     lines: u64,
     errors: Vec<String>,
 }
 
-impl UpdateLog {
-    /// Counts a line and returns the event level it gets.
-    fn add(&mut self, line: &str) -> Level {
+impl OutputSink for UpdateLog {
+    fn line<'a>(&'a mut self, _stream: OutputStream, line: &'a str) -> BoxFuture<'a, ()> {
         self.lines += 1;
-        if is_failure_line(line) {
+        let level = if is_failure_line(line) {
             self.errors.push(line.to_string());
             Level::Error
         } else {
             Level::Info
-        }
+        };
+        Box::pin(self.events.send(level, line, None))
     }
+}
 
+impl UpdateLog {
     fn describe_errors(&self) -> String {
         if self.errors.is_empty() {
             return "logged no ERROR or CRITICAL line".to_string();
