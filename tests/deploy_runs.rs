@@ -325,3 +325,44 @@ async fn agent_rejects_prod_run_that_skipped_approval() {
         .await
         .is_none());
 }
+
+#[tokio::test]
+async fn image_is_pulled_with_the_build_registry_login() {
+    let site = Site::new().await;
+    let registry = registry();
+    let remote = push_to_registry(&site, &registry, "v1").await;
+    site.set_image_repository(&site.repo).await;
+    let password = write_file(
+        site.work_dir.path(),
+        "registry-password",
+        &registry.password,
+    );
+    let settings = format!(
+        "[registry]\nurl = \"{}\"\nusername = \"{}\"\npassword_file = \"{}\"\n",
+        registry.host,
+        registry.user,
+        password.display()
+    );
+
+    let run = site
+        .queue("env-dev", "v1", json!({"workflow": "deploy"}))
+        .await;
+    site.run_agent(&settings).await;
+
+    assert_eq!(
+        site.run(run).await.0,
+        "success",
+        "{}",
+        site.event_text(run).await
+    );
+    let text = site.event_text(run).await;
+    assert!(text.contains(&format!("Pulled image {remote}")), "{text}");
+    let _ = site
+        .docker
+        .remove_image(
+            &remote,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await;
+}

@@ -203,7 +203,8 @@ impl Site {
     pub fn settings(&self, extra: &str) -> Arc<Settings> {
         let work_dir = self.work_dir.path().display();
         self.db.settings(&format!(
-            "[agent]\nworker_id = \"deploy-test\"\nwork_dir = \"{work_dir}\"\n{extra}"
+            "[agent]\nworker_id = \"deploy-test\"\nwork_dir = \"{work_dir}\"\n\
+             [storage]\nlocal_dir = \"{work_dir}/artifacts\"\n{extra}"
         ))
     }
 

@@ -21,7 +21,8 @@ use bollard::Docker;
 use futures_util::StreamExt;
 
 use super::env_config::{EnvConfig, Modules, ODOO_CONFIG_TARGET};
-use crate::docker::oneshot::remove_if_present;
+use super::update::UpdateRequest;
+use crate::docker::container::{ContainerSpec, Mount, MountKind};
 use crate::docker::pull::is_not_found;
 
 pub const LABEL_PROJECT: &str = "odooops.project";
@@ -127,25 +128,48 @@ pub fn update_command(config: &EnvConfig, db_name: &str, modules: &Modules) -> V
 
 /// The one-off container that updates modules, with the server's volumes and network but
 /// no published ports.
-pub fn update_body(
-    config: &EnvConfig,
-    image: &str,
-    labels: &Labels,
-    env: &[String],
-    command: Vec<String>,
-) -> ContainerCreateBody {
-    ContainerCreateBody {
-        image: Some(image.to_string()),
-        cmd: Some(command),
-        env: Some(env.to_vec()),
-        labels: Some(labels.to_map("update")),
-        host_config: Some(HostConfig {
-            binds: Some(binds(config)),
-            network_mode: config.network.clone(),
-            ..Default::default()
-        }),
+pub fn update_spec(request: &UpdateRequest<'_>) -> ContainerSpec {
+    let config = request.config;
+    let env = request
+        .env
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) => (name.to_string(), value.to_string()),
+            None => (pair.clone(), String::new()),
+        })
+        .collect();
+    let mounts = config
+        .mounts()
+        .into_iter()
+        .map(|volume| Mount {
+            kind: if volume.is_bind() {
+                MountKind::Bind
+            } else {
+                MountKind::Volume
+            },
+            source: volume.source,
+            target: volume.target,
+            read_only: volume.read_only,
+        })
+        .collect();
+    ContainerSpec {
+        image: request.image.to_string(),
+        name: Some(config.update_name()),
+        cmd: update_command(config, request.db_name, request.modules),
+        env,
+        mounts,
+        network_mode: config.network.clone(),
+        labels: request.labels.to_map("update"),
+        timeout: config.update_timeout,
         ..Default::default()
     }
+}
+
+/// Removes a container by name, killing it if it runs; a missing one is fine.
+pub async fn remove_if_present(docker: &Docker, name: &str) -> anyhow::Result<()> {
+    crate::docker::container::remove_container(docker, name)
+        .await
+        .with_context(|| format!("removing container {name} failed"))
 }
 
 pub async fn inspect(

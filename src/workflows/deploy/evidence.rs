@@ -1,42 +1,36 @@
 //! The deploy's evidence artifact: a JSON document of what was deployed, how the health
 //! gate went and whether the environment was rolled back.
 
+use std::io::Cursor;
+
 use anyhow::Context;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::queue::Artifact;
+use crate::storage;
 use crate::workflows::RunContext;
 
-/// Writes the evidence and records it as the run's 'evidence' artifact.
-// NOTE: the file stays in the agent's work directory (file:// path) because this branch
-// has no artifact store; the S3 upload replaces the write below once it exists.
+/// Stores the evidence under `<run_id>/deploy-evidence.json` in the artifact store,
+/// records it as the run's 'evidence' artifact and returns its location.
 pub async fn record(ctx: &RunContext, evidence: &Value) -> anyhow::Result<String> {
     let body = serde_json::to_vec_pretty(evidence).context("encoding the evidence failed")?;
-    let dir = ctx
-        .settings
-        .agent
-        .work_dir
-        .join("evidence")
-        .join(ctx.run.run_id.to_string());
-    let path = dir.join("deploy-evidence.json");
-    tokio::fs::create_dir_all(&dir)
+    let store =
+        storage::open(&ctx.settings.storage).context("opening the artifact store failed")?;
+    let key = format!("{}/deploy-evidence.json", ctx.run.run_id);
+    let stored = store
+        .put_stream(&key, Box::pin(Cursor::new(body)))
         .await
-        .with_context(|| format!("creating {} failed", dir.display()))?;
-    tokio::fs::write(&path, &body)
-        .await
-        .with_context(|| format!("writing {} failed", path.display()))?;
+        .with_context(|| format!("storing {key} failed"))?;
 
-    let storage_path = format!("file://{}", path.display());
     let artifact = Artifact {
         artifact_type: "evidence".to_string(),
-        storage_path: storage_path.clone(),
-        digest: Some(format!("sha256:{}", hex::encode(Sha256::digest(&body)))),
-        size_bytes: Some(body.len() as i64),
+        storage_path: stored.location.clone(),
+        digest: Some(stored.digest),
+        size_bytes: Some(stored.size_bytes as i64),
         metadata: serde_json::json!({ "content_type": "application/json" }),
     };
     ctx.add_artifact(&artifact)
         .await
         .context("recording the evidence artifact failed")?;
-    Ok(storage_path)
+    Ok(stored.location)
 }

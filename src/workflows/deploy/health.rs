@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bytes::Bytes;
 use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
@@ -19,6 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::env_config::HealthConfig;
 use crate::events::{EventSink, Level};
+
+/// The reason a passed gate reports.
+const HEALTHY: &str = "healthy";
+/// Shortest request timeout, for the last probe before the deadline.
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// What the gate saw, for the events, the run metadata and the evidence artifact.
 #[derive(Debug, Clone, Serialize)]
@@ -80,23 +86,18 @@ impl GateReport {
     }
 }
 
-enum Probe {
-    Healthy(String),
-    Unhealthy(String),
-}
-
-async fn probe(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    url: &hyper::Uri,
-    timeout: Duration,
-) -> Probe {
+/// Sends one probe and returns whether it was healthy and its outcome in a few words.
+async fn probe(client: &ProbeClient, url: &hyper::Uri, timeout: Duration) -> (bool, String) {
     match tokio::time::timeout(timeout, client.get(url.clone())).await {
-        Err(_) => Probe::Unhealthy(format!("timed out after {:.1} s", timeout.as_secs_f64())),
-        Ok(Err(err)) => Probe::Unhealthy(describe_client_error(&err)),
-        Ok(Ok(response)) if response.status().is_success() => {
-            Probe::Healthy(format!("HTTP {}", response.status().as_u16()))
+        Err(_) => (
+            false,
+            format!("timed out after {:.1} s", timeout.as_secs_f64()),
+        ),
+        Ok(Err(err)) => (false, describe_client_error(&err)),
+        Ok(Ok(response)) => {
+            let status = response.status();
+            (status.is_success(), format!("HTTP {}", status.as_u16()))
         }
-        Ok(Ok(response)) => Probe::Unhealthy(format!("HTTP {}", response.status().as_u16())),
     }
 }
 
@@ -143,134 +144,114 @@ async fn container_failure(docker: &Docker, name: &str, restarts_before: i64) ->
     None
 }
 
-/// Runs the gate against container `name` and returns its report. Events go to `events`.
-pub async fn run_gate(
-    docker: &Docker,
-    name: &str,
-    url: &str,
-    settings: &HealthConfig,
-    events: &EventSink,
-    cancel: &CancellationToken,
-) -> GateReport {
-    let started = Instant::now();
-    let mut report = GateReport {
-        container: name.to_string(),
-        url: url.to_string(),
-        healthy: false,
-        reason: String::new(),
-        elapsed_ms: 0,
-        probes: 0,
-        outcomes: BTreeMap::new(),
-        transitions: Vec::new(),
-        timeout_ms: settings.timeout.as_millis() as u64,
-        interval_ms: settings.interval.as_millis() as u64,
-        deadline_ms: settings.deadline.as_millis() as u64,
-    };
-    report.reason = gate_loop(
-        docker,
-        name,
-        url,
-        settings,
-        events,
-        cancel,
-        started,
-        &mut report,
-    )
-    .await;
-    report.healthy = report.reason == "healthy";
-    report.elapsed_ms = started.elapsed().as_millis() as u64;
+/// The HTTP client of the gate: no connection reuse, so every probe opens a connection
+/// as a new visitor would.
+type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
 
-    let level = if report.healthy {
-        Level::Info
-    } else {
-        Level::Error
-    };
-    let message = if report.healthy {
-        format!(
-            "Health check passed after {:.1} s ({} probes of {url})",
-            started.elapsed().as_secs_f64(),
-            report.probes
-        )
-    } else {
-        format!(
-            "Health check failed after {:.1} s: {}",
-            started.elapsed().as_secs_f64(),
-            report.reason
-        )
-    };
-    events.send(level, message, Some(report.summary())).await;
-    report
+/// Where a gate probes and what it reports to.
+pub struct Gate<'a> {
+    pub docker: &'a Docker,
+    pub container: &'a str,
+    pub url: &'a str,
+    pub settings: &'a HealthConfig,
+    pub events: &'a EventSink,
+    pub cancel: &'a CancellationToken,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn gate_loop(
-    docker: &Docker,
-    name: &str,
-    url: &str,
-    settings: &HealthConfig,
-    events: &EventSink,
-    cancel: &CancellationToken,
-    started: Instant,
-    report: &mut GateReport,
-) -> String {
-    let uri: hyper::Uri = match url.parse() {
-        Ok(uri) => uri,
-        Err(err) => return format!("invalid health URL {url}: {err}"),
-    };
-    // No connection reuse: every probe opens a connection, as a new visitor would.
-    let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http::<Empty<Bytes>>();
-    let restarts_before = match docker.inspect_container(name, None).await {
-        Ok(inspect) => inspect.restart_count.unwrap_or(0),
-        Err(err) => return format!("inspecting container {name} failed: {err}"),
-    };
-    let deadline = started + settings.deadline;
-    let mut last_outcome = String::new();
-    loop {
-        if let Some(failure) = container_failure(docker, name, restarts_before).await {
-            return failure;
+impl Gate<'_> {
+    /// Runs the gate and returns its report, with a closing event that summarizes it.
+    pub async fn run(&self) -> GateReport {
+        let started = Instant::now();
+        let mut report =
+            GateReport::not_started(self.container, self.url, self.settings, String::new());
+        report.reason = self.probe_until_decided(started, &mut report).await;
+        report.healthy = report.reason == HEALTHY;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+
+        let seconds = started.elapsed().as_secs_f64();
+        let (level, message) = if report.healthy {
+            let probes = report.probes;
+            let url = self.url;
+            (
+                Level::Info,
+                format!("Health check passed after {seconds:.1} s ({probes} probes of {url})"),
+            )
+        } else {
+            (
+                Level::Error,
+                format!(
+                    "Health check failed after {seconds:.1} s: {}",
+                    report.reason
+                ),
+            )
+        };
+        self.events
+            .send(level, message, Some(report.summary()))
+            .await;
+        report
+    }
+
+    /// Probes until the container is healthy, fails, or the deadline passes, and returns
+    /// [`HEALTHY`] or the reason for failing.
+    async fn probe_until_decided(&self, started: Instant, report: &mut GateReport) -> String {
+        let uri: hyper::Uri = match self.url.parse() {
+            Ok(uri) => uri,
+            Err(err) => return format!("invalid health URL {}: {err}", self.url),
+        };
+        let client: ProbeClient = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http();
+        let restarts_before = match self.docker.inspect_container(self.container, None).await {
+            Ok(inspect) => inspect.restart_count.unwrap_or(0),
+            Err(err) => return format!("inspecting container {} failed: {err}", self.container),
+        };
+        let deadline = started + self.settings.deadline;
+        loop {
+            if let Some(failure) =
+                container_failure(self.docker, self.container, restarts_before).await
+            {
+                return failure;
+            }
+            let probe_started = Instant::now();
+            let timeout =
+                (self.settings.timeout).min(deadline.saturating_duration_since(probe_started));
+            let (healthy, outcome) = probe(&client, &uri, timeout.max(MIN_PROBE_TIMEOUT)).await;
+            self.record(report, started, &outcome).await;
+            if healthy {
+                return HEALTHY.to_string();
+            }
+            if Instant::now() >= deadline {
+                let limit = self.settings.deadline.as_secs_f64();
+                let url = self.url;
+                return format!(
+                    "no healthy response from {url} within {limit:.1} s; last probe: {outcome}"
+                );
+            }
+            let next = (probe_started + self.settings.interval).min(deadline);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = self.cancel.cancelled() => return "cancelled".to_string(),
+            }
         }
-        let probe_started = Instant::now();
-        let timeout = settings
-            .timeout
-            .min(deadline.saturating_duration_since(probe_started));
-        let (healthy, outcome) =
-            match probe(&client, &uri, timeout.max(Duration::from_millis(10))).await {
-                Probe::Healthy(outcome) => (true, outcome),
-                Probe::Unhealthy(outcome) => (false, outcome),
-            };
+    }
+
+    /// Counts a probe outcome, and writes an event when it differs from the last one.
+    async fn record(&self, report: &mut GateReport, started: Instant, outcome: &str) {
         report.probes += 1;
-        *report.outcomes.entry(outcome.clone()).or_default() += 1;
-        if outcome != last_outcome {
-            let at_ms = started.elapsed().as_millis() as u64;
-            report.transitions.push(Transition {
-                at_ms,
-                outcome: outcome.clone(),
-            });
-            events
-                .send(
-                    Level::Info,
-                    format!("Health probe: {outcome} at {:.1} s", at_ms as f64 / 1000.0),
-                    None,
-                )
-                .await;
-            last_outcome = outcome.clone();
+        *report.outcomes.entry(outcome.to_string()).or_default() += 1;
+        let changed = report
+            .transitions
+            .last()
+            .is_none_or(|last| last.outcome != outcome);
+        if !changed {
+            return;
         }
-        if healthy {
-            return "healthy".to_string();
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return format!(
-                "no healthy response from {url} within {:.1} s; last probe: {outcome}",
-                settings.deadline.as_secs_f64()
-            );
-        }
-        let next = (probe_started + settings.interval).min(deadline);
-        tokio::select! {
-            _ = tokio::time::sleep_until(next.into()) => {}
-            _ = cancel.cancelled() => return "cancelled".to_string(),
-        }
+        let at_ms = started.elapsed().as_millis() as u64;
+        report.transitions.push(Transition {
+            at_ms,
+            outcome: outcome.to_string(),
+        });
+        let message = format!("Health probe: {outcome} at {:.1} s", at_ms as f64 / 1000.0);
+        self.events.send(Level::Info, message, None).await;
     }
 }

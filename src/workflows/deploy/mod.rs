@@ -32,6 +32,7 @@ use bollard::Docker;
 use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 
+use crate::config::{RegistryCredentials, Settings};
 use crate::docker::{self, pull};
 use crate::workflows::{RunContext, RunResult, StepError, StepResultExt, Workflow};
 use container::Labels;
@@ -127,6 +128,24 @@ async fn check_approvals(ctx: &RunContext) -> Result<(), StepError> {
     Ok(())
 }
 
+/// The login for a registry host: a `[[deploy.registries]]` entry, or else the `[registry]`
+/// section when it is for that host, which is where the build pushes.
+fn registry_login(settings: &Settings, host: &str) -> Option<RegistryCredentials> {
+    if let Some(login) = settings.deploy.credentials_for(host) {
+        return Some(login.clone());
+    }
+    let registry = settings.registry.as_ref()?;
+    let (username, password) = registry.credentials.clone()?;
+    registry
+        .host
+        .eq_ignore_ascii_case(host)
+        .then(|| RegistryCredentials {
+            host: registry.host.clone(),
+            username,
+            password,
+        })
+}
+
 /// One run's deploy into one environment.
 pub(crate) struct Deploy<'a> {
     ctx: &'a RunContext,
@@ -142,8 +161,8 @@ pub(crate) struct Deploy<'a> {
 impl Deploy<'_> {
     async fn fetch_image(&self, image: &str) -> Result<(), pull::PullError> {
         let registry = pull::registry_host(image);
-        let credentials = self.ctx.settings.deploy.credentials_for(registry);
-        let source = pull::ensure_image(&self.docker, image, credentials).await?;
+        let credentials = registry_login(&self.ctx.settings, registry);
+        let source = pull::ensure_image(&self.docker, image, credentials.as_ref()).await?;
         let message = match source {
             pull::ImageSource::Local => format!("Image {image} is on this host"),
             pull::ImageSource::Pulled => format!("Pulled image {image} from {registry}"),
@@ -163,39 +182,18 @@ impl Deploy<'_> {
 
     async fn run(&mut self, target: &Target) -> RunResult {
         let name = self.config.container_name.clone();
-        self.ctx
-            .events
-            .info(format!(
-                "Starting {} into {} as container {name}",
-                target.description, self.site.env_id
-            ))
-            .await;
-        self.evidence.insert(
-            "target".into(),
-            json!({
-                "git_sha": target.git_sha, "image": target.image, "container": name,
-            }),
+        let env_id = &self.site.env_id;
+        let message = format!(
+            "Starting {} into {env_id} as container {name}",
+            target.description
         );
+        self.ctx.events.info(message).await;
+        let target_evidence = json!({
+            "git_sha": target.git_sha, "image": target.image, "container": name,
+        });
+        self.evidence.insert("target".into(), target_evidence);
 
-        let retired =
-            container::retire_live(&self.docker, &self.config, &self.ctx.run.run_id.to_string())
-                .await
-                .step("replace")?;
-        if let Some(retired) = &retired {
-            let sha = retired.git_sha.as_deref().unwrap_or("unknown");
-            self.ctx
-                .events
-                .info(format!(
-                    "Stopped {name} (sha {sha}) and kept it as {}",
-                    self.config.previous_name()
-                ))
-                .await;
-        }
-        self.evidence.insert(
-            "replaced_sha".into(),
-            json!(retired.as_ref().and_then(|r| r.git_sha.clone())),
-        );
-
+        self.retire_live().await?;
         let update = match self.update_if_configured(target).await {
             Ok(update) => update,
             Err(failure) => return Err(self.put_back_previous(failure).await),
@@ -207,17 +205,37 @@ impl Deploy<'_> {
             Err(err) => self.failed_start_report(err).await,
         };
         if self.ctx.cancel.is_cancelled() {
+            let failure = anyhow!("run cancelled during the health check");
             return Err(self
-                .put_back_previous(StepError::new(
-                    "health",
-                    anyhow!("run cancelled during the health check"),
-                ))
+                .put_back_previous(StepError::new("health", failure))
                 .await);
         }
         if report.healthy {
             return Ok(self.succeed(target, report).await);
         }
         Err(self.roll_back_automatically(report, update).await)
+    }
+
+    /// Stops the live container and keeps it as `<name>-previous`.
+    async fn retire_live(&mut self) -> Result<(), StepError> {
+        let run_id = self.ctx.run.run_id.to_string();
+        let retired = container::retire_live(&self.docker, &self.config, &run_id)
+            .await
+            .step("replace")?;
+        if let Some(retired) = &retired {
+            let sha = retired
+                .git_sha
+                .as_deref()
+                .unwrap_or("without an odooops.sha label");
+            let name = &self.config.container_name;
+            let previous = self.config.previous_name();
+            let message = format!("Stopped {name} (sha {sha}) and kept it as {previous}");
+            self.ctx.events.info(message).await;
+        }
+        let replaced_sha = retired.and_then(|retired| retired.git_sha);
+        self.evidence
+            .insert("replaced_sha".into(), json!(replaced_sha));
+        Ok(())
     }
 
     /// Runs the module update when the config asks for one. Rollback runs skip it: the
@@ -260,19 +278,17 @@ impl Deploy<'_> {
     }
 
     async fn gate(&self) -> GateReport {
-        self.ctx
-            .events
-            .info(format!("Health check of {} started", self.probe_url))
-            .await;
-        health::run_gate(
-            &self.docker,
-            &self.config.container_name,
-            &self.probe_url,
-            &self.config.health,
-            &self.ctx.events,
-            &self.ctx.cancel,
-        )
-        .await
+        let message = format!("Health check of {} started", self.probe_url);
+        self.ctx.events.info(message).await;
+        let gate = health::Gate {
+            docker: &self.docker,
+            container: &self.config.container_name,
+            url: &self.probe_url,
+            settings: &self.config.health,
+            events: &self.ctx.events,
+            cancel: &self.ctx.cancel,
+        };
+        gate.run().await
     }
 
     /// A gate report for a container that could not even start, so that the automatic

@@ -8,7 +8,6 @@ use super::container::{self, LABEL_SHA};
 use super::health::GateReport;
 use super::target::{self, PastDeploy};
 use super::{hooks, Deploy, UpdateOutcome};
-use crate::docker::oneshot::remove_if_present;
 use crate::events::Level;
 use crate::workflows::StepError;
 
@@ -42,67 +41,74 @@ impl Deploy<'_> {
             }
         };
 
+        self.announce_rollback(&previous).await;
+        let rollback = self.restore_previous_version(&previous, &update).await;
+        let (healthy, detail) = self.note_rollback_outcome(&previous, rollback);
+        self.evidence.insert("result".into(), json!("rolled_back"));
+        self.record_evidence().await;
+        let sha = &previous.git_sha;
+        StepError::new(
+            "health",
+            anyhow!("health check failed: {reason}; rolled back to {sha}: {detail}"),
+        )
+        .with_metadata(json!({
+            "rolled_back_to": sha,
+            "rollback_healthy": healthy,
+            "health": { "healthy": false, "reason": reason },
+        }))
+    }
+
+    /// Writes the rollback event the console looks for, with the sha it rolls back to.
+    async fn announce_rollback(&self, previous: &PastDeploy) {
+        let payload = json!({ "previous_sha": previous.git_sha });
         self.ctx
             .events
-            .send(
-                Level::Error,
-                ROLLBACK_MESSAGE,
-                Some(json!({ "previous_sha": previous.git_sha })),
-            )
+            .send(Level::Error, ROLLBACK_MESSAGE, Some(payload))
             .await;
         tracing::warn!(
             previous.sha = %previous.git_sha,
             previous.run = %previous.run_id,
             "health check failed; rolling back"
         );
-        self.ctx
-            .events
-            .info(format!(
-                "Rolling back to {} from {} run {}",
-                previous.git_sha, previous.workflow, previous.run_id
-            ))
-            .await;
-        let rollback = self.restore_previous_version(&previous, &update).await;
-        let (healthy, detail) = match rollback {
+        let message = format!(
+            "Rolling back to {} from {} run {}",
+            previous.git_sha, previous.workflow, previous.run_id
+        );
+        self.ctx.events.info(message).await;
+    }
+
+    /// Adds the rollback to the evidence and returns whether the previous version is
+    /// healthy, with a phrase for the run's error.
+    fn note_rollback_outcome(
+        &mut self,
+        previous: &PastDeploy,
+        rollback: anyhow::Result<GateReport>,
+    ) -> (bool, String) {
+        let mut entry = json!({
+            "previous_sha": previous.git_sha,
+            "previous_run_id": previous.run_id,
+        });
+        let outcome = match rollback {
             Ok(report) => {
-                let healthy = report.healthy;
-                let detail = if healthy {
-                    "the previous version is healthy again".to_string()
+                let outcome = if report.healthy {
+                    (true, "the previous version is healthy again".to_string())
                 } else {
-                    format!(
-                        "the rollback failed its health check too: {}",
-                        report.reason
+                    let reason = &report.reason;
+                    (
+                        false,
+                        format!("the rollback failed its health check too: {reason}"),
                     )
                 };
-                self.evidence.insert("rollback".into(), json!({
-                    "previous_sha": previous.git_sha, "previous_run_id": previous.run_id, "gate": report,
-                }));
-                (healthy, detail)
+                entry["gate"] = json!(report);
+                outcome
             }
             Err(err) => {
-                self.evidence.insert(
-                    "rollback".into(),
-                    json!({
-                        "previous_sha": previous.git_sha, "error": format!("{err:#}"),
-                    }),
-                );
+                entry["error"] = json!(format!("{err:#}"));
                 (false, format!("the rollback failed: {err:#}"))
             }
         };
-        self.evidence.insert("result".into(), json!("rolled_back"));
-        self.record_evidence().await;
-        StepError::new(
-            "health",
-            anyhow!(
-                "health check failed: {reason}; rolled back to {}: {detail}",
-                previous.git_sha
-            ),
-        )
-        .with_metadata(json!({
-            "rolled_back_to": previous.git_sha,
-            "rollback_healthy": healthy,
-            "health": { "healthy": false, "reason": reason },
-        }))
+        self.evidence.insert("rollback".into(), entry);
+        outcome
     }
 
     /// Brings the previous version back: the kept `<name>-previous` container when it
@@ -112,7 +118,7 @@ impl Deploy<'_> {
         previous: &PastDeploy,
         update: &UpdateOutcome,
     ) -> anyhow::Result<GateReport> {
-        remove_if_present(&self.docker, &self.config.container_name).await?;
+        container::remove_if_present(&self.docker, &self.config.container_name).await?;
         if update.ran {
             hooks::restore_before_rollback(self.ctx, &self.site, update.backup.as_ref()).await?;
         }

@@ -1,15 +1,14 @@
 //! The module update: `odoo -u` in a one-off container from the new image, judged by its
 //! exit code and by the ERROR and CRITICAL lines of its log.
 
-use std::time::Instant;
-
-use anyhow::bail;
+use anyhow::{bail, Context};
 use bollard::Docker;
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::container::{self, Labels};
 use super::env_config::{EnvConfig, Modules};
-use crate::docker::oneshot;
+use crate::docker::container::{remove_container, run_to_completion, OutputSink, OutputStream};
 use crate::events::{EventSink, Level};
 
 /// Error lines quoted in the failure message; the events keep all of them.
@@ -53,69 +52,78 @@ pub async fn update_modules(
     events: &EventSink,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let command = container::update_command(request.config, request.db_name, request.modules);
-    let body = container::update_body(
-        request.config,
-        request.image,
-        request.labels,
-        request.env,
-        command.clone(),
-    );
-    let name = request.config.update_name();
-    events
-        .info(format!(
-            "Updating modules {} with {}",
-            request.modules.argument(),
-            request.image
-        ))
-        .await;
-    tracing::info!(container = %name, modules = %request.modules.argument(), "module update started");
-    let started = Instant::now();
+    let config = request.config;
+    let modules = request.modules.argument();
+    let spec = container::update_spec(&request);
+    let name = config.update_name();
+    let message = format!("Updating modules {modules} with {}", request.image);
+    events.info(message).await;
+    tracing::info!(container = %name, modules = %modules, "module update started");
 
-    let mut error_lines: Vec<String> = Vec::new();
-    let mut lines = 0u64;
-    let code = oneshot::run_to_completion(
-        docker,
-        &name,
-        body,
-        request.config.update_timeout,
-        cancel,
-        |line| {
-            lines += 1;
-            let level = if is_failure_line(&line) {
-                error_lines.push(line.clone());
-                Level::Error
-            } else {
-                Level::Info
-            };
-            let events = events.clone();
-            async move { events.send(level, line, None).await }
-        },
-    )
-    .await?;
+    // A container left under this name by a crashed deploy would block the new one.
+    remove_container(docker, &name)
+        .await
+        .with_context(|| format!("removing the leftover container {name} failed"))?;
+    let mut log = UpdateLog {
+        events: events.clone(),
+        lines: 0,
+        errors: Vec::new(),
+    };
+    let exit = run_to_completion(docker, &spec, &mut log, cancel).await?;
 
-    let elapsed = started.elapsed().as_secs_f64();
+    let code = exit.exit_code;
+    let elapsed = exit.duration.as_secs_f64();
     tracing::info!(container = %name, exit_code = code, elapsed_s = elapsed, "module update finished");
-    if code != 0 || !error_lines.is_empty() {
-        let quoted: Vec<&str> = error_lines
+    if code != 0 || !log.errors.is_empty() {
+        let errors = log.describe_errors();
+        bail!("module update exited with code {code} after {elapsed:.1} s and {errors}");
+    }
+    let message = format!(
+        "Module update finished in {elapsed:.1} s ({} log lines)",
+        log.lines
+    );
+    events.info(message).await;
+    Ok(())
+}
+
+/// What the update logged: the line count and the ERROR and CRITICAL lines. Every line
+/// is also sent on as an event.
+struct UpdateLog {
+    events: EventSink,
+    lines: u64,
+    errors: Vec<String>,
+}
+
+impl OutputSink for UpdateLog {
+    fn line<'a>(&'a mut self, _stream: OutputStream, line: &'a str) -> BoxFuture<'a, ()> {
+        self.lines += 1;
+        let level = if is_failure_line(line) {
+            self.errors.push(line.to_string());
+            Level::Error
+        } else {
+            Level::Info
+        };
+        Box::pin(self.events.send(level, line, None))
+    }
+}
+
+impl UpdateLog {
+    fn describe_errors(&self) -> String {
+        if self.errors.is_empty() {
+            return "logged no ERROR or CRITICAL line".to_string();
+        }
+        let quoted: Vec<&str> = self
+            .errors
             .iter()
             .take(QUOTED_ERROR_LINES)
             .map(String::as_str)
             .collect();
-        bail!(
-            "module update exited with code {code} after {elapsed:.1} s and logged {} ERROR or \
-             CRITICAL lines{}{}",
-            error_lines.len(),
-            if quoted.is_empty() { "" } else { ": " },
+        format!(
+            "logged {} ERROR or CRITICAL lines: {}",
+            self.errors.len(),
             quoted.join(" | ")
-        );
+        )
     }
-    events
-        .info(format!(
-            "Module update finished in {elapsed:.1} s ({lines} log lines)"
-        ))
-        .await;
-    Ok(())
 }
 
 #[cfg(test)]
