@@ -216,7 +216,11 @@ async fn push_to_registry(site: &Site, registry: &Registry, sha: &str) -> String
     site.docker
         .remove_image(
             &remote,
-            None::<bollard::query_parameters::RemoveImageOptions>,
+            Some(bollard::query_parameters::RemoveImageOptions {
+                // Untagged parents may be another test's build cache.
+                noprune: true,
+                ..Default::default()
+            }),
             None,
         )
         .await
@@ -261,7 +265,11 @@ async fn image_is_pulled_with_registry_credentials() {
         .docker
         .remove_image(
             &remote,
-            None::<bollard::query_parameters::RemoveImageOptions>,
+            Some(bollard::query_parameters::RemoveImageOptions {
+                // Untagged parents may be another test's build cache.
+                noprune: true,
+                ..Default::default()
+            }),
             None,
         )
         .await;
@@ -361,7 +369,11 @@ async fn image_is_pulled_with_the_build_registry_login() {
         .docker
         .remove_image(
             &remote,
-            None::<bollard::query_parameters::RemoveImageOptions>,
+            Some(bollard::query_parameters::RemoveImageOptions {
+                // Untagged parents may be another test's build cache.
+                noprune: true,
+                ..Default::default()
+            }),
             None,
         )
         .await;

@@ -400,7 +400,11 @@ async fn clean_up(name: String, repo: String) {
             let _ = docker
                 .remove_image(
                     tag,
-                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    Some(bollard::query_parameters::RemoveImageOptions {
+                        // Untagged parents may be another test's build cache.
+                        noprune: true,
+                        ..Default::default()
+                    }),
                     None,
                 )
                 .await;
