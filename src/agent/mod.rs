@@ -141,6 +141,8 @@ async fn claim_loop(
         }
         // The database starts the lease after this instant, so a lease deadline counted
         // from it is never later than the database's.
+        // NOTE: a stop request does not interrupt a claim in flight, so a database that
+        // stopped replying delays shutdown by up to queue::CALL_TIMEOUT (30 s).
         let claimed_at = Instant::now();
         match shared.queue.claim().await {
             Ok(Some(run)) => {
