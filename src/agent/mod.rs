@@ -126,10 +126,8 @@ async fn claim_loop(
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<Summary> {
     let slots = Arc::new(Semaphore::new(shared.settings.agent.concurrency));
-    let poll_interval = shared.settings.agent.poll_interval;
     let mut summary = Summary::default();
-    let mut backoff = Duration::from_millis(100);
-    let mut failures = 0u32;
+    let mut backoff = Backoff::default();
     loop {
         while let Some(joined) = tasks.try_join_next() {
             log_task_failure(joined);
@@ -143,53 +141,97 @@ async fn claim_loop(
         }
         // The database starts the lease after this instant, so a lease deadline counted
         // from it is never later than the database's.
+        // NOTE: a stop request does not interrupt a claim in flight, so a database that
+        // stopped replying delays shutdown by up to queue::CALL_TIMEOUT (30 s).
         let claimed_at = Instant::now();
         match shared.queue.claim().await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
-                failures = 0;
-                backoff = Duration::from_millis(100);
+                backoff = Backoff::default();
                 tasks.spawn(runner::execute(run, claimed_at, shared.clone(), permit));
             }
             Ok(None) => {
                 drop(permit);
-                failures = 0;
-                backoff = Duration::from_millis(100);
+                backoff = Backoff::default();
                 if mode == Mode::Once && tasks.is_empty() {
                     break;
                 }
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(poll_interval) => {}
-                    _ = shutdown.stopping() => break,
-                    Some(joined) = tasks.join_next(), if mode == Mode::Once => {
-                        log_task_failure(joined);
-                    }
+                let poll = shared.settings.agent.poll_interval;
+                if !wait_for_work(mode, poll, shutdown, wake, tasks).await {
+                    break;
                 }
             }
             Err(err) => {
                 drop(permit);
-                failures += 1;
-                if mode == Mode::Once && failures >= ONCE_MAX_CLAIM_FAILURES {
+                let delay = backoff.fail();
+                if mode == Mode::Once && backoff.failures >= ONCE_MAX_CLAIM_FAILURES {
+                    let failures = backoff.failures;
                     anyhow::bail!("claiming a run failed {failures} times in a row: {err}");
                 }
-                tracing::warn!(
-                    error = %err,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "claiming a run failed"
-                );
-                // The listener wakes the loop when it reconnects, which is the first sign
-                // that the database is back.
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = wake.notified() => {}
-                    _ = shutdown.stopping() => break,
+                let retry_in_ms = delay.as_millis() as u64;
+                tracing::warn!(error = %err, retry_in_ms, "claiming a run failed");
+                if !wait_after_failure(delay, shutdown, wake).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(MAX_CLAIM_BACKOFF);
             }
         }
     }
     Ok(summary)
+}
+
+/// Consecutive failed claims and the pause before the next attempt.
+struct Backoff {
+    failures: u32,
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            failures: 0,
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    /// Counts a failure and returns the pause before the next attempt.
+    fn fail(&mut self) -> Duration {
+        self.failures += 1;
+        let delay = self.delay;
+        self.delay = (delay * 2).min(MAX_CLAIM_BACKOFF);
+        delay
+    }
+}
+
+/// Waits for a wake-up, the poll interval or, in [`Mode::Once`], the end of a run.
+/// Returns false when a stop is requested.
+async fn wait_for_work(
+    mode: Mode,
+    poll_interval: Duration,
+    shutdown: &Shutdown,
+    wake: &Notify,
+    tasks: &mut JoinSet<()>,
+) -> bool {
+    tokio::select! {
+        _ = wake.notified() => true,
+        _ = tokio::time::sleep(poll_interval) => true,
+        _ = shutdown.stopping() => false,
+        Some(joined) = tasks.join_next(), if mode == Mode::Once => {
+            log_task_failure(joined);
+            true
+        }
+    }
+}
+
+/// Waits out `delay` after a failed claim, or until the listener reconnects, which is the
+/// first sign that the database is back. Returns false when a stop is requested.
+async fn wait_after_failure(delay: Duration, shutdown: &Shutdown, wake: &Notify) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = wake.notified() => true,
+        _ = shutdown.stopping() => false,
+    }
 }
 
 /// Logs a run task that panicked outside its workflow, which catches its own panics.
