@@ -12,11 +12,14 @@
 //! - [`agent`]: the daemon loop: concurrency, wake-ups, reaping, shutdown.
 //! - [`workflows`]: one module per kind of run.
 //! - [`docker`]: the Docker Engine client.
+//! - [`storage`]: object stores (a local directory, S3) for backups and artifacts.
+//! - [`archive`]: the streaming zip format of backups.
 //! - [`systemd`]: readiness and watchdog notifications.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod archive;
 pub mod config;
 pub mod db;
 pub mod docker;
@@ -25,5 +28,6 @@ pub mod logging;
 pub mod migrate;
 pub mod queue;
 pub mod secret;
+pub mod storage;
 pub mod systemd;
 pub mod workflows;

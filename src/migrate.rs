@@ -21,11 +21,18 @@ pub struct Migration {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "control_plane",
-    sql: include_str!("../migrations/0001_control_plane.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "control_plane",
+        sql: include_str!("../migrations/0001_control_plane.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "backups",
+        sql: include_str!("../migrations/0004_backups.sql"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

@@ -5,13 +5,17 @@
 //! config.example.toml documents the same keys. A bad value is reported with its key and
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
+pub mod backup;
 mod raw;
+pub mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
+pub use backup::BackupSettings;
 pub use raw::RawConfig;
+pub use storage::StorageSettings;
 
 /// Environment variable that overrides `database.url` for every subcommand.
 pub const DATABASE_URL_ENV: &str = "ODOOOPS_DATABASE_URL";
@@ -88,6 +92,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub docker: DockerSettings,
     pub log: LogSettings,
+    pub storage: StorageSettings,
+    pub backup: BackupSettings,
 }
 
 #[derive(Debug, Clone)]

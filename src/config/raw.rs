@@ -17,6 +17,10 @@ pub struct RawConfig {
     pub docker: RawDocker,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub storage: super::storage::RawStorage,
+    #[serde(default)]
+    pub backup: super::backup::RawBackup,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +76,8 @@ impl RawConfig {
             database: self.database.validate(database_url)?,
             docker: self.docker.validate()?,
             log: self.log.validate()?,
+            storage: self.storage.validate()?,
+            backup: self.backup.validate()?,
         })
     }
 }

@@ -5,6 +5,9 @@
 //! finishing) stay in the agent; a workflow only watches `ctx.cancel` and cleans up what
 //! it started when it fires.
 
+pub mod backup;
+pub mod restore;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -127,6 +130,10 @@ impl Workflows {
 
     /// The workflows this binary implements.
     pub fn standard() -> Workflows {
-        Workflows::new()
+        let mut workflows = Workflows::new();
+        workflows.register("backup", backup::BackupWorkflow);
+        workflows.register("restore", restore::RestoreWorkflow);
+        workflows.register("restore_drill", restore::DrillWorkflow);
+        workflows
     }
 }
