@@ -274,7 +274,7 @@ fn write_central_header(out: &mut impl Write, entry: &CentralEntry) -> io::Resul
     header.extend_from_slice(&clamp(summary.size, sizes_zip64).to_le_bytes());
     header.extend_from_slice(&(entry.name.len() as u16).to_le_bytes());
     header.extend_from_slice(&(extra_len as u16).to_le_bytes());
-    header.extend_from_slice(&[0u8; 8]); // comment length, disk number, internal attributes
+    header.extend_from_slice(&[0u8; 6]); // comment length, disk number, internal attributes
     header.extend_from_slice(&EXTERNAL_ATTRIBUTES_FILE.to_le_bytes());
     header.extend_from_slice(&clamp(entry.offset, offset_zip64).to_le_bytes());
     header.extend_from_slice(entry.name.as_bytes());

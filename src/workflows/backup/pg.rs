@@ -54,13 +54,9 @@ pub fn parse_tool_major(output: &str) -> Option<u32> {
     version.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// Major version of a server_version_num such as 150018 (10 and later: num / 10000).
+/// Major version of a server_version_num: 150018 is 15, and 90624 (9.6.24) is 9.
 pub fn server_major(version_num: u32) -> u32 {
-    if version_num >= 100_000 {
-        version_num / 10_000
-    } else {
-        version_num / 100
-    }
+    version_num / 10_000
 }
 
 impl PgRunner {

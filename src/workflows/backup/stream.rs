@@ -155,7 +155,7 @@ impl PartSink {
 impl Write for PartSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.progress.stop.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "the backup was stopped"));
+            return Err(io::Error::other("the backup was stopped"));
         }
         let room = self.store.part_size(self.part_number) - self.buffer.len();
         let taken = room.min(buf.len());
