@@ -29,19 +29,44 @@ async fn local_backup_is_a_zip_odoo_and_python_can_read() {
     assert!(expires_at.is_some(), "manual backups expire");
 
     let listing = python_zip_listing(&path);
-    assert!(listing.lines().any(|line| line.starts_with("dump.sql ")), "{listing}");
-    assert!(listing.lines().any(|line| line.starts_with("manifest.json ")), "{listing}");
+    assert!(
+        listing.lines().any(|line| line.starts_with("dump.sql ")),
+        "{listing}"
+    );
+    assert!(
+        listing
+            .lines()
+            .any(|line| line.starts_with("manifest.json ")),
+        "{listing}"
+    );
     for (store_fname, contents) in &fixture.odoo.files {
         let name = format!("filestore/{store_fname}");
-        assert!(listing.contains(&format!("{name} {}", contents.len())), "{name} missing: {listing}");
+        assert!(
+            listing.contains(&format!("{name} {}", contents.len())),
+            "{name} missing: {listing}"
+        );
         assert_eq!(&python_zip_read(&path, &name), contents, "{name}");
     }
     let dump = String::from_utf8(python_zip_read(&path, "dump.sql")).unwrap();
-    assert!(dump.contains("COPY public.res_partner"), "dump.sql lacks res_partner data");
-    assert!(!dump.contains("OWNER TO"), "dump.sql must be made with --no-owner");
+    assert!(
+        dump.contains("COPY public.res_partner"),
+        "dump.sql lacks res_partner data"
+    );
+    assert!(
+        !dump.contains("OWNER TO"),
+        "dump.sql must be made with --no-owner"
+    );
 
-    let unzip = std::process::Command::new("unzip").arg("-tq").arg(&path).output().unwrap();
-    assert!(unzip.status.success(), "{}", String::from_utf8_lossy(&unzip.stdout));
+    let unzip = std::process::Command::new("unzip")
+        .arg("-tq")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        unzip.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unzip.stdout)
+    );
 }
 
 #[tokio::test]
@@ -53,24 +78,38 @@ async fn manifest_records_versions_modules_rows_and_files() {
     let row = fixture.backup_row(backup_id).await;
     let manifest: Value = row.get("manifest");
     let location: String = row.get("db_dump_path");
-    let in_zip: Value = serde_json::from_slice(&python_zip_read(&local_path(&location), "manifest.json")).unwrap();
-    assert_eq!(manifest, in_zip, "ops.backups.manifest and manifest.json differ");
+    let in_zip: Value =
+        serde_json::from_slice(&python_zip_read(&local_path(&location), "manifest.json")).unwrap();
+    assert_eq!(
+        manifest, in_zip,
+        "ops.backups.manifest and manifest.json differ"
+    );
 
     assert_eq!(manifest["db_name"], json!(fixture.odoo.name));
     assert_eq!(manifest["major_version"], json!("17.0"));
     // Odoo writes divmod(server_version / 100, 100) as "%d.%d": "15.0" for 15.18.
     assert_eq!(manifest["pg_version"], json!("15.0"));
-    assert_eq!(manifest["modules"], json!({"base": "17.0.1.3", "sale": "17.0.1.2", "web": "17.0.1.0"}));
+    assert_eq!(
+        manifest["modules"],
+        json!({"base": "17.0.1.3", "sale": "17.0.1.2", "web": "17.0.1.0"})
+    );
     let ours = &manifest["odooops"];
     assert_eq!(ours["backup_id"], json!(backup_id));
-    assert!(ours["server_version"].as_str().unwrap().starts_with("15."), "{}", ours["server_version"]);
+    assert!(
+        ours["server_version"].as_str().unwrap().starts_with("15."),
+        "{}",
+        ours["server_version"]
+    );
     assert_eq!(ours["tables"]["public.res_partner"], json!(PARTNERS));
     assert_eq!(ours["tables"]["public.ir_attachment"], json!(ATTACHMENTS));
     assert_eq!(ours["filestore"]["files"], json!(ATTACHMENTS));
     assert!(ours["dump"]["size"].as_u64().unwrap() > 10_000);
     assert_eq!(ours["dump"]["crc32"].as_str().unwrap().len(), 8);
     let expires_at: Option<chrono::DateTime<chrono::Utc>> = row.get("expires_at");
-    assert!(expires_at.is_none(), "scheduled backups are kept by count, not by date");
+    assert!(
+        expires_at.is_none(),
+        "scheduled backups are kept by count, not by date"
+    );
 }
 
 #[tokio::test]
@@ -86,21 +125,37 @@ async fn s3_backup_goes_up_in_parts_and_leaves_no_upload_behind() {
     assert_eq!(status, "success", "{error:?}");
     let location: String = row.get("db_dump_path");
     let prefix = format!("s3://{}/", fixture.bucket);
-    let key = location.strip_prefix(&prefix).expect("an s3:// location in the test bucket");
+    let key = location
+        .strip_prefix(&prefix)
+        .expect("an s3:// location in the test bucket");
 
     let client = fixture.s3_client();
-    let object = client.get_object().bucket(&fixture.bucket).key(key).send().await.unwrap();
+    let object = client
+        .get_object()
+        .bucket(&fixture.bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
     let body = object.body.collect().await.unwrap().into_bytes();
     let size: i64 = row.get("size_bytes");
     assert_eq!(body.len() as i64, size);
-    assert!(size > 12 * 1024 * 1024, "the random file is stored, not compressed away");
+    assert!(
+        size > 12 * 1024 * 1024,
+        "the random file is stored, not compressed away"
+    );
     let digest: String = row.get("digest");
     let local_copy = fixture.odoo.dir.path().join("downloaded.zip");
     std::fs::write(&local_copy, &body).unwrap();
     assert_eq!(digest, format!("sha256:{}", sha256_of(&local_copy)));
     assert!(python_zip_listing(&local_copy).contains("dump.sql"));
 
-    let uploads = client.list_multipart_uploads().bucket(&fixture.bucket).send().await.unwrap();
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(&fixture.bucket)
+        .send()
+        .await
+        .unwrap();
     assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
 }
 
@@ -110,7 +165,9 @@ async fn events_and_errors_never_contain_the_s3_secret() {
     let good = fixture.queue_backup("env-prod", "manual").await;
     fixture.run_agent(fixture.settings("s3")).await;
     let bad = fixture.queue_backup("env-prod", "manual").await;
-    fixture.run_agent(fixture.settings_with("s3", Some("http://127.0.0.1:1"), "")).await;
+    fixture
+        .run_agent(fixture.settings_with("s3", Some("http://127.0.0.1:1"), ""))
+        .await;
 
     let secret = &fixture.s3.as_ref().unwrap().secret_access_key;
     for backup_id in [good, bad] {
@@ -119,7 +176,10 @@ async fn events_and_errors_never_contain_the_s3_secret() {
         let row = fixture.backup_row(backup_id).await;
         let error: Option<String> = row.get("error");
         let everything = format!("{metadata} {events:?} {error:?}");
-        assert!(!everything.contains(secret.as_str()), "secret leaked: {everything}");
+        assert!(
+            !everything.contains(secret.as_str()),
+            "secret leaked: {everything}"
+        );
     }
 }
 
@@ -133,13 +193,18 @@ async fn unreachable_s3_fails_the_backup_and_keeps_older_ones() {
     assert_eq!(older_status, "success");
 
     let failing = fixture.queue_backup("env-prod", "manual").await;
-    fixture.run_agent(fixture.settings_with("s3", Some("http://127.0.0.1:1"), "")).await;
+    fixture
+        .run_agent(fixture.settings_with("s3", Some("http://127.0.0.1:1"), ""))
+        .await;
 
     let row = fixture.backup_row(failing).await;
     let status: String = row.get("status");
     let error: String = row.get::<_, Option<String>>("error").unwrap_or_default();
     assert_eq!(status, "failed");
-    assert!(error.contains("127.0.0.1:1") || error.contains("dispatch"), "{error}");
+    assert!(
+        error.contains("127.0.0.1:1") || error.contains("dispatch"),
+        "{error}"
+    );
     let run_id = fixture.run_of_backup(failing).await;
     let (run_status, metadata, _) = fixture.run_outcome(run_id).await;
     assert_eq!(run_status, "failed");
@@ -148,8 +213,16 @@ async fn unreachable_s3_fails_the_backup_and_keeps_older_ones() {
     let still: String = fixture.backup_row(older).await.get("status");
     assert_eq!(still, "success");
     let location: String = older_row.get("db_dump_path");
-    let key = location.strip_prefix(&format!("s3://{}/", fixture.bucket)).unwrap();
-    let head = fixture.s3_client().head_object().bucket(&fixture.bucket).key(key).send().await;
+    let key = location
+        .strip_prefix(&format!("s3://{}/", fixture.bucket))
+        .unwrap();
+    let head = fixture
+        .s3_client()
+        .head_object()
+        .bucket(&fixture.bucket)
+        .key(key)
+        .send()
+        .await;
     assert!(head.is_ok(), "the older backup's object must stay");
 }
 
@@ -160,7 +233,10 @@ async fn failing_pg_dump_fails_the_backup_with_its_message() {
         .ops
         .client()
         .await
-        .execute("UPDATE ops.environments SET db_name = 'odooops_no_such_db' WHERE env_id = 'env-dev'", &[])
+        .execute(
+            "UPDATE ops.environments SET db_name = 'odooops_no_such_db' WHERE env_id = 'env-dev'",
+            &[],
+        )
         .await
         .unwrap();
     let backup_id = fixture.queue_backup("env-dev", "manual").await;
@@ -207,7 +283,12 @@ async fn pg_dump_killed_mid_upload_aborts_the_multipart_upload() {
     let client = fixture.s3_client();
     let mut saw_upload = false;
     for _ in 0..600 {
-        let uploads = client.list_multipart_uploads().bucket(&fixture.bucket).send().await.unwrap();
+        let uploads = client
+            .list_multipart_uploads()
+            .bucket(&fixture.bucket)
+            .send()
+            .await
+            .unwrap();
         if !uploads.uploads().is_empty() {
             saw_upload = true;
             break;
@@ -231,9 +312,23 @@ async fn pg_dump_killed_mid_upload_aborts_the_multipart_upload() {
     let error: String = row.get::<_, Option<String>>("error").unwrap_or_default();
     assert_eq!(status, "failed");
     assert!(error.contains("pg_dump"), "{error}");
-    let uploads = client.list_multipart_uploads().bucket(&fixture.bucket).send().await.unwrap();
-    assert!(uploads.uploads().is_empty(), "parts left behind: {:?}", uploads.uploads());
-    let objects = client.list_objects_v2().bucket(&fixture.bucket).send().await.unwrap();
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(&fixture.bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        uploads.uploads().is_empty(),
+        "parts left behind: {:?}",
+        uploads.uploads()
+    );
+    let objects = client
+        .list_objects_v2()
+        .bucket(&fixture.bucket)
+        .send()
+        .await
+        .unwrap();
     assert!(objects.contents().is_empty(), "{:?}", objects.contents());
 }
 
@@ -265,7 +360,9 @@ async fn cancelled_backup_removes_its_partial_file() {
 
     let mut partial = None;
     for _ in 0..600 {
-        partial = walk(&fixture.backups_dir()).into_iter().find(|p| p.ends_with(".partial"));
+        partial = walk(&fixture.backups_dir())
+            .into_iter()
+            .find(|p| p.ends_with(".partial"));
         if partial.is_some() {
             break;
         }
@@ -319,7 +416,10 @@ async fn retention_deletes_expired_backups_objects_and_rows() {
     assert_eq!(status, "success");
 
     let remaining: Vec<uuid::Uuid> = client
-        .query("SELECT backup_id FROM ops.backups WHERE env_id = 'env-prod'", &[])
+        .query(
+            "SELECT backup_id FROM ops.backups WHERE env_id = 'env-prod'",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -328,7 +428,11 @@ async fn retention_deletes_expired_backups_objects_and_rows() {
     assert!(remaining.contains(&backup_id));
     for (day, id, path) in &seeded {
         let kept = remaining.contains(id);
-        assert_eq!(kept, path.exists(), "day {day}: row and object must go together");
+        assert_eq!(
+            kept,
+            path.exists(),
+            "day {day}: row and object must go together"
+        );
         if *day <= 6 {
             assert!(kept, "day {day} is within the 7 daily backups");
         }
@@ -345,22 +449,35 @@ async fn scheduler_queues_a_due_slot_once_across_ticks() {
     let settings = fixture.settings_with("local", None, extra);
     let pool = odooops_agent::db::pool(&settings.database).unwrap();
     let now = chrono::Utc::now();
-    odooops_agent::workflows::backup::scheduler::tick(&settings, &pool, now).await.unwrap();
-    odooops_agent::workflows::backup::scheduler::tick(&settings, &pool, now).await.unwrap();
+    odooops_agent::workflows::backup::scheduler::tick(&settings, &pool, now)
+        .await
+        .unwrap();
+    odooops_agent::workflows::backup::scheduler::tick(&settings, &pool, now)
+        .await
+        .unwrap();
 
     let client = fixture.ops.client().await;
     let rows = client
         .query("SELECT env_id, backup_type, metadata FROM ops.backups", &[])
         .await
         .unwrap();
-    let staging: Vec<_> = rows.iter().filter(|row| row.get::<_, String>(0) == "env-staging").collect();
+    let staging: Vec<_> = rows
+        .iter()
+        .filter(|row| row.get::<_, String>(0) == "env-staging")
+        .collect();
     assert_eq!(staging.len(), 1, "one slot, one backup");
     assert_eq!(staging[0].get::<_, String>(1), "daily");
     let metadata: Value = staging[0].get(2);
     assert_eq!(metadata["triggered_by"], json!("schedule"));
-    assert!(rows.iter().all(|row| row.get::<_, String>(0) != "env-prod"), "empty schedules disable it");
+    assert!(
+        rows.iter().all(|row| row.get::<_, String>(0) != "env-prod"),
+        "empty schedules disable it"
+    );
     let queued: i64 = client
-        .query_one("SELECT count(*) FROM ops.runs WHERE workflow = 'backup' AND env_id = 'env-staging'", &[])
+        .query_one(
+            "SELECT count(*) FROM ops.runs WHERE workflow = 'backup' AND env_id = 'env-staging'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -370,7 +487,9 @@ async fn scheduler_queues_a_due_slot_once_across_ticks() {
 /// Every file below `dir`, recursively.
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut files = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return files };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return files;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

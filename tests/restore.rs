@@ -13,7 +13,12 @@ async fn backed_up(fixture: &Fixture, backend: &str) -> Uuid {
     fixture.run_agent(fixture.settings(backend)).await;
     let row = fixture.backup_row(backup_id).await;
     let status: String = row.get("status");
-    assert_eq!(status, "success", "{:?}", row.get::<_, Option<String>>("error"));
+    assert_eq!(
+        status,
+        "success",
+        "{:?}",
+        row.get::<_, Option<String>>("error")
+    );
     backup_id
 }
 
@@ -22,7 +27,10 @@ async fn restore_row(fixture: &Fixture, target_db: &str) -> tokio_postgres::Row 
         .ops
         .client()
         .await
-        .query_one("SELECT * FROM ops.restores WHERE target_db = $1", &[&target_db])
+        .query_one(
+            "SELECT * FROM ops.restores WHERE target_db = $1",
+            &[&target_db],
+        )
         .await
         .unwrap()
 }
@@ -33,38 +41,74 @@ async fn restore_into_new_database_brings_back_rows_and_files_neutralized() {
     let backup_id = backed_up(&fixture, "local").await;
     let target = format!("{}_copy", fixture.odoo.name);
     let run_id = fixture
-        .queue_run("env-staging", json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }))
+        .queue_run(
+            "env-staging",
+            json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }),
+        )
         .await;
     fixture.run_agent(fixture.settings("local")).await;
 
     let (status, metadata, events) = fixture.run_outcome(run_id).await;
     assert_eq!(status, "success", "{metadata} {events:?}");
-    for table in ["res_partner", "ir_attachment", "res_users", "ir_module_module"] {
-        assert_eq!(fixture.odoo.count(&target, table).await, fixture.odoo.count(&fixture.odoo.name, table).await, "{table}");
+    for table in [
+        "res_partner",
+        "ir_attachment",
+        "res_users",
+        "ir_module_module",
+    ] {
+        assert_eq!(
+            fixture.odoo.count(&target, table).await,
+            fixture.odoo.count(&fixture.odoo.name, table).await,
+            "{table}"
+        );
     }
     let restored_filestore = fixture.odoo.data_dir().join("filestore").join(&target);
     for (store_fname, contents) in &fixture.odoo.files {
-        assert_eq!(&std::fs::read(restored_filestore.join(store_fname)).unwrap(), contents, "{store_fname}");
+        assert_eq!(
+            &std::fs::read(restored_filestore.join(store_fname)).unwrap(),
+            contents,
+            "{store_fname}"
+        );
     }
 
     let client = fixture.odoo.client_for(&target).await;
-    let active_crons: i64 = client.query_one("SELECT count(*) FROM ir_cron WHERE active", &[]).await.unwrap().get(0);
-    let active_mail: i64 = client.query_one("SELECT count(*) FROM ir_mail_server WHERE active", &[]).await.unwrap().get(0);
+    let active_crons: i64 = client
+        .query_one("SELECT count(*) FROM ir_cron WHERE active", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let active_mail: i64 = client
+        .query_one("SELECT count(*) FROM ir_mail_server WHERE active", &[])
+        .await
+        .unwrap()
+        .get(0);
     let flag: String = client
-        .query_one("SELECT value FROM ir_config_parameter WHERE key = 'database.is_neutralized'", &[])
+        .query_one(
+            "SELECT value FROM ir_config_parameter WHERE key = 'database.is_neutralized'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     let uuid: String = client
-        .query_one("SELECT value FROM ir_config_parameter WHERE key = 'database.uuid'", &[])
+        .query_one(
+            "SELECT value FROM ir_config_parameter WHERE key = 'database.uuid'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(active_crons, 0);
     assert_eq!(active_mail, 0);
     assert_eq!(flag, "True");
-    assert_ne!(uuid, "c0ffee00-0000-4000-8000-000000000001", "a copy gets its own database.uuid");
-    let source_crons = fixture.odoo.count(&fixture.odoo.name, "ir_cron WHERE active").await;
+    assert_ne!(
+        uuid, "c0ffee00-0000-4000-8000-000000000001",
+        "a copy gets its own database.uuid"
+    );
+    let source_crons = fixture
+        .odoo
+        .count(&fixture.odoo.name, "ir_cron WHERE active")
+        .await;
     assert_eq!(source_crons, 2, "the source database is untouched");
 
     let row = restore_row(&fixture, &target).await;
@@ -82,7 +126,10 @@ async fn restore_from_s3_verifies_and_removes_its_download() {
     let backup_id = backed_up(&fixture, "s3").await;
     let target = format!("{}_s3", fixture.odoo.name);
     let run_id = fixture
-        .queue_run("env-staging", json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }))
+        .queue_run(
+            "env-staging",
+            json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }),
+        )
         .await;
     fixture.run_agent(fixture.settings("s3")).await;
 
@@ -90,7 +137,9 @@ async fn restore_from_s3_verifies_and_removes_its_download() {
     assert_eq!(status, "success", "{metadata}");
     assert_eq!(fixture.odoo.count(&target, "res_partner").await, PARTNERS);
     let downloads = fixture.work_dir().join("restores");
-    let left: Vec<_> = std::fs::read_dir(&downloads).map(|d| d.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&downloads)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "downloaded archives remain: {left:?}");
 }
 
@@ -101,14 +150,27 @@ async fn restore_over_an_existing_database_is_refused() {
     let run_id = fixture
         .queue_run("env-prod", json!({ "workflow": "restore", "backup_id": backup_id, "target_db": fixture.odoo.name }))
         .await;
-    fixture.odoo.client().await.execute("INSERT INTO res_partner (name) VALUES ('after backup')", &[]).await.unwrap();
+    fixture
+        .odoo
+        .client()
+        .await
+        .execute(
+            "INSERT INTO res_partner (name) VALUES ('after backup')",
+            &[],
+        )
+        .await
+        .unwrap();
     fixture.run_agent(fixture.settings("local")).await;
 
     let (status, metadata, _) = fixture.run_outcome(run_id).await;
     assert_eq!(status, "failed");
     let error = metadata["error"].as_str().unwrap_or_default();
     assert!(error.contains("already exists"), "{error}");
-    assert_eq!(fixture.odoo.count(&fixture.odoo.name, "res_partner").await, PARTNERS + 1, "the database is untouched");
+    assert_eq!(
+        fixture.odoo.count(&fixture.odoo.name, "res_partner").await,
+        PARTNERS + 1,
+        "the database is untouched"
+    );
 }
 
 #[tokio::test]
@@ -117,12 +179,26 @@ async fn overwrite_replaces_the_database_and_filestore() {
     let backup_id = backed_up(&fixture, "local").await;
     let target = format!("{}_stage", fixture.odoo.name);
     let first = fixture
-        .queue_run("env-staging", json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }))
+        .queue_run(
+            "env-staging",
+            json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }),
+        )
         .await;
     fixture.run_agent(fixture.settings("local")).await;
     assert_eq!(fixture.run_outcome(first).await.0, "success");
-    fixture.odoo.client_for(&target).await.execute("DELETE FROM res_partner WHERE id > 10", &[]).await.unwrap();
-    let stray = fixture.odoo.data_dir().join("filestore").join(&target).join("zz/stray");
+    fixture
+        .odoo
+        .client_for(&target)
+        .await
+        .execute("DELETE FROM res_partner WHERE id > 10", &[])
+        .await
+        .unwrap();
+    let stray = fixture
+        .odoo
+        .data_dir()
+        .join("filestore")
+        .join(&target)
+        .join("zz/stray");
     std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
     std::fs::write(&stray, b"written after the restore").unwrap();
 
@@ -142,10 +218,17 @@ async fn overwrite_replaces_the_database_and_filestore() {
         .odoo
         .client_for("postgres")
         .await
-        .query("SELECT datname FROM pg_database WHERE datname LIKE $1 || '%'", &[&target])
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1 || '%'",
+            &[&target],
+        )
         .await
         .unwrap();
-    assert_eq!(leftovers.len(), 1, "staging and replaced databases are dropped");
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "staging and replaced databases are dropped"
+    );
 }
 
 #[tokio::test]
@@ -163,7 +246,13 @@ async fn non_production_restore_cannot_skip_neutralization() {
 
     let (status, metadata, _) = fixture.run_outcome(run_id).await;
     assert_eq!(status, "failed");
-    assert!(metadata["error"].as_str().unwrap_or_default().contains("always neutralized"), "{metadata}");
+    assert!(
+        metadata["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("always neutralized"),
+        "{metadata}"
+    );
     assert!(!fixture.odoo.database_exists(&target).await);
 }
 
@@ -180,32 +269,60 @@ async fn corrupted_archive_fails_the_checksum_before_any_database_is_made() {
 
     let target = format!("{}_bad", fixture.odoo.name);
     let run_id = fixture
-        .queue_run("env-staging", json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }))
+        .queue_run(
+            "env-staging",
+            json!({ "workflow": "restore", "backup_id": backup_id, "target_db": target }),
+        )
         .await;
     fixture.run_agent(fixture.settings("local")).await;
 
     let (status, metadata, _) = fixture.run_outcome(run_id).await;
     assert_eq!(status, "failed");
-    assert!(metadata["error"].as_str().unwrap_or_default().contains("checksum mismatch"), "{metadata}");
+    assert!(
+        metadata["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("checksum mismatch"),
+        "{metadata}"
+    );
     assert!(!fixture.odoo.database_exists(&target).await);
-    assert_eq!(restore_row(&fixture, &target).await.get::<_, String>("status"), "failed");
+    assert_eq!(
+        restore_row(&fixture, &target)
+            .await
+            .get::<_, String>("status"),
+        "failed"
+    );
 }
 
 #[tokio::test]
 async fn drill_restores_checks_and_drops_the_scratch_database() {
     let fixture = Fixture::new().await;
     backed_up(&fixture, "local").await;
-    let run_id = fixture.queue_run("env-prod", json!({ "workflow": "restore_drill" })).await;
+    let run_id = fixture
+        .queue_run("env-prod", json!({ "workflow": "restore_drill" }))
+        .await;
     fixture.run_agent(fixture.settings("local")).await;
 
     let (status, metadata, events) = fixture.run_outcome(run_id).await;
     assert_eq!(status, "success", "{metadata} {events:?}");
     let drill = &metadata["drill"];
     let target = drill["target_db"].as_str().unwrap().to_string();
-    assert!(!fixture.odoo.database_exists(&target).await, "the scratch database is dropped");
-    assert!(!fixture.work_dir().join("drills").join(&target).exists(), "the scratch filestore is removed");
-    assert_eq!(drill["checks"]["attachments"]["checked"], json!(ATTACHMENTS));
-    assert_eq!(drill["checks"]["rows"]["public.res_partner"], json!(PARTNERS));
+    assert!(
+        !fixture.odoo.database_exists(&target).await,
+        "the scratch database is dropped"
+    );
+    assert!(
+        !fixture.work_dir().join("drills").join(&target).exists(),
+        "the scratch filestore is removed"
+    );
+    assert_eq!(
+        drill["checks"]["attachments"]["checked"],
+        json!(ATTACHMENTS)
+    );
+    assert_eq!(
+        drill["checks"]["rows"]["public.res_partner"],
+        json!(PARTNERS)
+    );
     let row = restore_row(&fixture, &target).await;
     assert_eq!(row.get::<_, String>("kind"), "drill");
     assert_eq!(row.get::<_, String>("status"), "success");
@@ -217,13 +334,18 @@ async fn drill_fails_when_an_attachment_file_is_missing() {
     let (missing, _) = fixture.odoo.files[3].clone();
     std::fs::remove_file(fixture.odoo.filestore().join(&missing)).unwrap();
     backed_up(&fixture, "local").await;
-    let run_id = fixture.queue_run("env-prod", json!({ "workflow": "restore_drill" })).await;
+    let run_id = fixture
+        .queue_run("env-prod", json!({ "workflow": "restore_drill" }))
+        .await;
     fixture.run_agent(fixture.settings("local")).await;
 
     let (status, metadata, _) = fixture.run_outcome(run_id).await;
     assert_eq!(status, "failed");
     let error = metadata["error"].as_str().unwrap_or_default();
-    assert!(error.contains("1 of 12 attachment files are missing"), "{error}");
+    assert!(
+        error.contains("1 of 12 attachment files are missing"),
+        "{error}"
+    );
     assert!(error.contains(&missing), "{error}");
 }
 
@@ -245,15 +367,34 @@ async fn restore_command_restores_from_the_command_line() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_odooops-agent"))
         .args(["restore", "--config"])
         .arg(&config)
-        .args(["--env", "env-staging", "--from-env", "env-prod", "--target-db", &target])
+        .args([
+            "--env",
+            "env-staging",
+            "--from-env",
+            "env-prod",
+            "--target-db",
+            &target,
+        ])
         .env("ODOOOPS_DATABASE_URL", &fixture.ops.url)
         .env("ODOOOPS_TEST_PG_PASSWORD", "odooops")
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains(&format!("\"target_db\": \"{target}\"")), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("\"target_db\": \"{target}\"")),
+        "{stdout}"
+    );
     assert_eq!(fixture.odoo.count(&target, "res_partner").await, PARTNERS);
-    assert_eq!(restore_row(&fixture, &target).await.get::<_, String>("status"), "success");
+    assert_eq!(
+        restore_row(&fixture, &target)
+            .await
+            .get::<_, String>("status"),
+        "success"
+    );
 }

@@ -75,7 +75,8 @@ fn dos_date_time(time: DateTime<Utc>) -> (u16, u16) {
     }
     let year = (time.year() - 1980).min(127) as u16;
     let date = (year << 9) | ((time.month() as u16) << 5) | time.day() as u16;
-    let clock = ((time.hour() as u16) << 11) | ((time.minute() as u16) << 5) | (time.second() as u16 / 2);
+    let clock =
+        ((time.hour() as u16) << 11) | ((time.minute() as u16) << 5) | (time.second() as u16 / 2);
     (date, clock)
 }
 

@@ -58,7 +58,10 @@ impl ArchiveReader {
         let mut file = File::open(path)?;
         let directory = find_directory(&mut file)?;
         if directory.size > 1 << 32 {
-            return Err(invalid(format!("central directory of {} bytes is implausible", directory.size)));
+            return Err(invalid(format!(
+                "central directory of {} bytes is implausible",
+                directory.size
+            )));
         }
         file.seek(SeekFrom::Start(directory.offset))?;
         let mut raw = vec![0u8; directory.size as usize];
@@ -83,7 +86,10 @@ impl ArchiveReader {
         let mut header = [0u8; 30];
         file.read_exact(&mut header)?;
         if u32_at(&header, 0) != LOCAL_HEADER_SIGNATURE {
-            return Err(invalid(format!("local header of {} is missing", entry.name)));
+            return Err(invalid(format!(
+                "local header of {} is missing",
+                entry.name
+            )));
         }
         let skip = u64::from(u16_at(&header, 26)) + u64::from(u16_at(&header, 28));
         file.seek(SeekFrom::Current(skip as i64))?;
@@ -118,9 +124,8 @@ fn find_directory(file: &mut File) -> io::Result<Directory> {
         size: u64::from(u32_at(end, 12)),
         offset: u64::from(u32_at(end, 16)),
     };
-    let needs_zip64 = directory.count == MAX_U16
-        || directory.size == MAX_U32
-        || directory.offset == MAX_U32;
+    let needs_zip64 =
+        directory.count == MAX_U16 || directory.size == MAX_U32 || directory.offset == MAX_U32;
     if !needs_zip64 {
         return Ok(directory);
     }
@@ -156,7 +161,10 @@ fn parse_directory(raw: &[u8], count: u64) -> io::Result<Vec<ArchiveEntry>> {
     let mut at = 0usize;
     for _ in 0..count {
         if raw.len() < at + 46 || u32_at(raw, at) != CENTRAL_HEADER_SIGNATURE {
-            return Err(invalid(format!("central directory entry {} is corrupt", entries.len())));
+            return Err(invalid(format!(
+                "central directory entry {} is corrupt",
+                entries.len()
+            )));
         }
         let header = &raw[at..];
         let name_len = usize::from(u16_at(header, 28));
@@ -169,7 +177,9 @@ fn parse_directory(raw: &[u8], count: u64) -> io::Result<Vec<ArchiveEntry>> {
         let name = String::from_utf8_lossy(&header[46..46 + name_len]).into_owned();
         let method_code = u16_at(header, 10);
         let method = Method::from_code(method_code).ok_or_else(|| {
-            invalid(format!("{name}: compression method {method_code} is not supported"))
+            invalid(format!(
+                "{name}: compression method {method_code} is not supported"
+            ))
         })?;
         let mut entry = ArchiveEntry {
             name,
@@ -179,7 +189,10 @@ fn parse_directory(raw: &[u8], count: u64) -> io::Result<Vec<ArchiveEntry>> {
             size: u64::from(u32_at(header, 24)),
             offset: u64::from(u32_at(header, 42)),
         };
-        apply_zip64_extra(&mut entry, &header[46 + name_len..46 + name_len + extra_len])?;
+        apply_zip64_extra(
+            &mut entry,
+            &header[46 + name_len..46 + name_len + extra_len],
+        )?;
         entries.push(entry);
         at += total;
     }
@@ -197,7 +210,11 @@ fn apply_zip64_extra(entry: &mut ArchiveEntry, mut extra: &[u8]) -> io::Result<(
             .ok_or_else(|| invalid(format!("{}: extra field is truncated", entry.name)))?;
         if id == ZIP64_EXTRA_ID {
             let mut values = data.chunks_exact(8).map(|chunk| u64_at(chunk, 0));
-            for field in [&mut entry.size, &mut entry.compressed_size, &mut entry.offset] {
+            for field in [
+                &mut entry.size,
+                &mut entry.compressed_size,
+                &mut entry.offset,
+            ] {
                 if *field == MAX_U32 {
                     *field = values.next().ok_or_else(|| {
                         invalid(format!("{}: ZIP64 extra field is too short", entry.name))

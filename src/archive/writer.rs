@@ -76,7 +76,11 @@ impl<W: Write> ZipWriter<W> {
 
     /// Writes the local header of a new entry; write its contents to the returned
     /// writer, then call [`EntryWriter::finish`].
-    pub fn start_entry(&mut self, name: &str, options: EntryOptions) -> io::Result<EntryWriter<'_, W>> {
+    pub fn start_entry(
+        &mut self,
+        name: &str,
+        options: EntryOptions,
+    ) -> io::Result<EntryWriter<'_, W>> {
         if name.is_empty() || name.len() > usize::from(u16::MAX) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -110,7 +114,12 @@ impl<W: Write> ZipWriter<W> {
             write_central_header(&mut self.out, entry)?;
         }
         let directory_size = self.out.written - directory_offset;
-        write_end_records(&mut self.out, self.entries.len() as u64, directory_size, directory_offset)?;
+        write_end_records(
+            &mut self.out,
+            self.entries.len() as u64,
+            directory_size,
+            directory_offset,
+        )?;
         self.out.flush()?;
         Ok(self.out.inner)
     }
@@ -165,7 +174,10 @@ impl<W: Write> EntryWriter<'_, W> {
         if too_large && !self.options.large {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("zip entry {} grew past 4 GiB but was not started as large", self.name),
+                format!(
+                    "zip entry {} grew past 4 GiB but was not started as large",
+                    self.name
+                ),
             ));
         }
         write_data_descriptor(out, &summary, self.options.large)?;
@@ -227,7 +239,11 @@ fn write_local_header(out: &mut impl Write, name: &str, options: &EntryOptions) 
     out.write_all(&header)
 }
 
-fn write_data_descriptor(out: &mut impl Write, summary: &EntrySummary, large: bool) -> io::Result<()> {
+fn write_data_descriptor(
+    out: &mut impl Write,
+    summary: &EntrySummary,
+    large: bool,
+) -> io::Result<()> {
     let mut record = Vec::with_capacity(24);
     record.extend_from_slice(&DATA_DESCRIPTOR_SIGNATURE.to_le_bytes());
     record.extend_from_slice(&summary.crc32.to_le_bytes());
@@ -286,7 +302,12 @@ fn write_central_header(out: &mut impl Write, entry: &CentralEntry) -> io::Resul
     out.write_all(&header)
 }
 
-fn write_end_records(out: &mut Counting<impl Write>, count: u64, size: u64, offset: u64) -> io::Result<()> {
+fn write_end_records(
+    out: &mut Counting<impl Write>,
+    count: u64,
+    size: u64,
+    offset: u64,
+) -> io::Result<()> {
     let zip64 = count >= MAX_U16 || size >= MAX_U32 || offset >= MAX_U32;
     let mut record = Vec::with_capacity(98);
     if zip64 {

@@ -192,7 +192,11 @@ impl RawBackupEnv {
         let (password, password_env, password_file) = if has_password {
             (self.password, self.password_env, self.password_file)
         } else {
-            (fallback.password, fallback.password_env, fallback.password_file)
+            (
+                fallback.password,
+                fallback.password_env,
+                fallback.password_file,
+            )
         };
         RawBackupEnv {
             pg_tools: self.pg_tools.or(fallback.pg_tools),
@@ -237,9 +241,19 @@ impl RawBackupEnv {
             None => None,
         };
         let password_key = key("password");
-        let password = secret(&password_key, &self.password, &self.password_env, &self.password_file)?;
+        let password = secret(
+            &password_key,
+            &self.password,
+            &self.password_env,
+            &self.password_file,
+        )?;
         let pg = PgConnection {
-            tools: pg_tools(&key("pg_tools"), self.pg_tools, self.container, self.pg_bin_dir)?,
+            tools: pg_tools(
+                &key("pg_tools"),
+                self.pg_tools,
+                self.container,
+                self.pg_bin_dir,
+            )?,
             host: self.host.filter(|host| !host.is_empty()),
             port: self.port.unwrap_or(DEFAULT_DB_PORT),
             user: self.user.unwrap_or_else(|| DEFAULT_DB_USER.to_string()),
@@ -251,7 +265,9 @@ impl RawBackupEnv {
             schedules,
             drill_schedule,
             retention: self.retention.unwrap_or_default().validate(),
-            odoo_neutralize: self.odoo_neutralize.unwrap_or(self.odoo_container.is_some()),
+            odoo_neutralize: self
+                .odoo_neutralize
+                .unwrap_or(self.odoo_container.is_some()),
             odoo_container: self.odoo_container.filter(|name| !name.is_empty()),
             filestore_owner: match self.filestore_owner {
                 Some(text) => Some(parse_owner(&key("filestore_owner"), &text)?),
@@ -261,7 +277,10 @@ impl RawBackupEnv {
     }
 }
 
-fn merge_retention(own: Option<RawRetention>, fallback: Option<RawRetention>) -> Option<RawRetention> {
+fn merge_retention(
+    own: Option<RawRetention>,
+    fallback: Option<RawRetention>,
+) -> Option<RawRetention> {
     match (own, fallback) {
         (Some(own), Some(fallback)) => Some(RawRetention {
             daily: own.daily.or(fallback.daily),
@@ -326,7 +345,11 @@ pub fn parse_cron(key: &str, text: &str) -> Result<CronSchedule, ConfigError> {
         text.trim().to_string()
     };
     let schedule = cron::Schedule::from_str(&expression).map_err(|err| {
-        ConfigError::invalid(key, format!("{text:?}"), format!("not a cron expression: {err}"))
+        ConfigError::invalid(
+            key,
+            format!("{text:?}"),
+            format!("not a cron expression: {err}"),
+        )
     })?;
     Ok(CronSchedule {
         expression,
@@ -362,7 +385,11 @@ fn parse_owner(key: &str, text: &str) -> Result<(u32, u32), ConfigError> {
         .split_once(':')
         .and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)));
     parsed.ok_or_else(|| {
-        ConfigError::invalid(key, format!("{text:?}"), "expected numeric uid:gid such as 101:101")
+        ConfigError::invalid(
+            key,
+            format!("{text:?}"),
+            "expected numeric uid:gid such as 101:101",
+        )
     })
 }
 

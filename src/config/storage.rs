@@ -142,7 +142,11 @@ impl RawS3 {
                 "expected 3 to 63 lowercase letters, digits, dots and hyphens",
             ));
         }
-        let prefix = self.prefix.unwrap_or_default().trim_matches('/').to_string();
+        let prefix = self
+            .prefix
+            .unwrap_or_default()
+            .trim_matches('/')
+            .to_string();
         if let Some(url) = &self.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::invalid(

@@ -42,7 +42,9 @@ impl LocalStore {
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
         let relative = Path::new(key);
         let safe = !key.is_empty()
-            && relative.components().all(|part| matches!(part, Component::Normal(_)));
+            && relative
+                .components()
+                .all(|part| matches!(part, Component::Normal(_)));
         if !safe {
             return Err(self.failed("resolving", key, "key must be a relative path without '..'"));
         }
@@ -86,14 +88,22 @@ impl LocalStore {
             };
             match part {
                 Some(UploadPart::Data(data)) => {
-                    file.write_all(&data).await.map_err(|err| self.failed("writing", key, err))?;
+                    file.write_all(&data)
+                        .await
+                        .map_err(|err| self.failed("writing", key, err))?;
                     size += data.len() as u64;
                 }
                 Some(UploadPart::End) => break,
-                None => return Err(StorageError::Incomplete { location: self.location(key) }),
+                None => {
+                    return Err(StorageError::Incomplete {
+                        location: self.location(key),
+                    })
+                }
             }
         }
-        file.sync_all().await.map_err(|err| self.failed("syncing", key, err))?;
+        file.sync_all()
+            .await
+            .map_err(|err| self.failed("syncing", key, err))?;
         drop(file);
         tokio::fs::rename(&partial.path, &path)
             .await
@@ -107,7 +117,9 @@ impl LocalStore {
 }
 
 fn extension(path: &Path) -> String {
-    path.extension().map(|ext| ext.to_string_lossy().into_owned()).unwrap_or_default()
+    path.extension()
+        .map(|ext| ext.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Writes to a file gain nothing from larger pieces.
@@ -137,10 +149,16 @@ impl ObjectStore for LocalStore {
         Box::pin(self.write_parts(key, parts, cancel))
     }
 
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<StoredObject, StorageError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<StoredObject, StorageError>> {
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(2);
-            tx.send(UploadPart::Data(data)).await.expect("receiver is alive");
+            tx.send(UploadPart::Data(data))
+                .await
+                .expect("receiver is alive");
             tx.send(UploadPart::End).await.expect("receiver is alive");
             self.write_parts(key, rx, CancellationToken::new()).await
         })
@@ -152,7 +170,9 @@ impl ObjectStore for LocalStore {
             match tokio::fs::File::open(&path).await {
                 Ok(file) => Ok(Box::pin(file) as ObjectReader),
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    Err(StorageError::NotFound { location: self.location(key) })
+                    Err(StorageError::NotFound {
+                        location: self.location(key),
+                    })
                 }
                 Err(err) => Err(self.failed("opening", key, err)),
             }

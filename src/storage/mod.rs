@@ -79,7 +79,11 @@ pub trait ObjectStore: Send + Sync {
     ) -> BoxFuture<'a, Result<StoredObject, StorageError>>;
 
     /// Stores a small object in one piece.
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<StoredObject, StorageError>>;
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<StoredObject, StorageError>>;
 
     /// Opens an object for reading.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectReader, StorageError>>;
@@ -98,7 +102,8 @@ pub struct Stores {
 
 impl Stores {
     pub fn from_settings(settings: &StorageSettings) -> Stores {
-        let local: Arc<dyn ObjectStore> = Arc::new(local::LocalStore::new(settings.local_dir.clone()));
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(local::LocalStore::new(settings.local_dir.clone()));
         let s3: Option<Arc<dyn ObjectStore>> = settings
             .s3
             .as_ref()

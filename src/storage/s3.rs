@@ -72,7 +72,9 @@ pub fn client_config(settings: &S3Settings) -> aws_sdk_s3::Config {
         .request_checksum_calculation(request)
         .response_checksum_validation(response)
         .timeout_config(timeouts)
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+        .retry_config(
+            aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS),
+        );
     if let Some(endpoint) = &settings.endpoint_url {
         builder = builder.endpoint_url(endpoint);
     }
@@ -304,12 +306,16 @@ impl<'a> Multipart<'a> {
         match joined {
             Ok(Ok(part)) => Ok(part),
             Ok(Err(message)) => Err(self.store.failed("uploading a part of", self.key, message)),
-            Err(err) => Err(self.store.failed("uploading a part of", self.key, err.to_string())),
+            Err(err) => Err(self
+                .store
+                .failed("uploading a part of", self.key, err.to_string())),
         }
     }
 
     async fn complete(&self, parts: Vec<CompletedPart>) -> Result<(), StorageError> {
-        let upload = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let upload = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
         self.store
             .client
             .complete_multipart_upload()
@@ -319,7 +325,10 @@ impl<'a> Multipart<'a> {
             .multipart_upload(upload)
             .send()
             .await
-            .map_err(|err| self.store.failed("completing the upload of", self.key, describe(&err)))?;
+            .map_err(|err| {
+                self.store
+                    .failed("completing the upload of", self.key, describe(&err))
+            })?;
         Ok(())
     }
 
@@ -336,7 +345,9 @@ impl<'a> Multipart<'a> {
             .send()
             .await;
         match result {
-            Ok(_) => tracing::info!(location = %self.store.location(self.key), "aborted the multipart upload"),
+            Ok(_) => {
+                tracing::info!(location = %self.store.location(self.key), "aborted the multipart upload")
+            }
             Err(err) => tracing::error!(
                 location = %self.store.location(self.key),
                 upload.id = %self.upload_id,
@@ -357,11 +368,17 @@ impl ObjectStore for S3Store {
     }
 
     fn key_of(&self, location: &str) -> Option<String> {
-        let object = location.strip_prefix("s3://")?.strip_prefix(self.bucket.as_str())?.strip_prefix('/')?;
+        let object = location
+            .strip_prefix("s3://")?
+            .strip_prefix(self.bucket.as_str())?
+            .strip_prefix('/')?;
         if self.prefix.is_empty() {
             return Some(object.to_string());
         }
-        object.strip_prefix(self.prefix.as_str())?.strip_prefix('/').map(str::to_string)
+        object
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')
+            .map(str::to_string)
     }
 
     fn put_stream<'a>(
@@ -373,18 +390,28 @@ impl ObjectStore for S3Store {
         Box::pin(self.upload_stream(key, parts, cancel))
     }
 
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<StoredObject, StorageError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<StoredObject, StorageError>> {
         Box::pin(self.put_object(key, data))
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectReader, StorageError>> {
         Box::pin(async move {
-            let result = self.client.get_object().bucket(&self.bucket).key(self.object_key(key)).send().await;
+            let result = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .send()
+                .await;
             match result {
                 Ok(output) => Ok(Box::pin(output.body.into_async_read()) as ObjectReader),
-                Err(err) if err.code() == Some("NoSuchKey") => {
-                    Err(StorageError::NotFound { location: self.location(key) })
-                }
+                Err(err) if err.code() == Some("NoSuchKey") => Err(StorageError::NotFound {
+                    location: self.location(key),
+                }),
                 Err(err) => Err(self.failed("downloading", key, describe(&err))),
             }
         })

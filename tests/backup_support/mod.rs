@@ -34,13 +34,20 @@ impl OdooDb {
     pub async fn create() -> OdooDb {
         let name = format!("odooops_bk_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let admin = connect(&url_for_database(&server_url(), "postgres")).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("creating the Odoo database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("creating the Odoo database");
         let db = OdooDb {
             name,
             dir: tempfile::tempdir().expect("temporary directory"),
             files: Vec::new(),
         };
-        db.client().await.batch_execute(SCHEMA).await.expect("creating the Odoo tables");
+        db.client()
+            .await
+            .batch_execute(SCHEMA)
+            .await
+            .expect("creating the Odoo tables");
         let mut db = db;
         db.add_attachments(ATTACHMENTS).await;
         db
@@ -71,7 +78,9 @@ impl OdooDb {
     pub async fn add_attachments(&mut self, count: usize) {
         let client = self.client().await;
         for index in 0..count {
-            let contents = format!("attachment {index} of {}\n", self.name).repeat(50 + index).into_bytes();
+            let contents = format!("attachment {index} of {}\n", self.name)
+                .repeat(50 + index)
+                .into_bytes();
             let sha1 = hex::encode(sha1_digest(&contents));
             let store_fname = format!("{}/{sha1}", &sha1[..2]);
             let path = self.filestore().join(&store_fname);
@@ -81,7 +90,11 @@ impl OdooDb {
                 .execute(
                     "INSERT INTO ir_attachment (name, store_fname, file_size, mimetype) \
                      VALUES ($1, $2, $3, 'text/plain')",
-                    &[&format!("file{index}.txt"), &store_fname, &(contents.len() as i32)],
+                    &[
+                        &format!("file{index}.txt"),
+                        &store_fname,
+                        &(contents.len() as i32),
+                    ],
                 )
                 .await
                 .unwrap();
@@ -112,13 +125,20 @@ impl OdooDb {
     /// Number of rows in `table` of `database`.
     pub async fn count(&self, database: &str, table: &str) -> i64 {
         let client = self.client_for(database).await;
-        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0)
+        client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 
     pub async fn database_exists(&self, database: &str) -> bool {
         let admin = connect(&url_for_database(&server_url(), "postgres")).await;
         admin
-            .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&database])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[&database],
+            )
             .await
             .unwrap()
             .get(0)
@@ -130,16 +150,24 @@ impl Drop for OdooDb {
         let prefix = self.name.clone();
         let admin_url = url_for_database(&server_url(), "postgres");
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 let admin = connect(&admin_url).await;
                 let rows = admin
-                    .query("SELECT datname FROM pg_database WHERE datname LIKE $1 || '%'", &[&prefix])
+                    .query(
+                        "SELECT datname FROM pg_database WHERE datname LIKE $1 || '%'",
+                        &[&prefix],
+                    )
                     .await
                     .unwrap_or_default();
                 for row in rows {
                     let name: String = row.get(0);
-                    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .await;
                 }
             });
         })
@@ -256,7 +284,13 @@ impl Fixture {
     pub async fn with_s3() -> Fixture {
         let mut fixture = Fixture::new().await;
         fixture.s3 = Some(S3Env::from_env());
-        fixture.s3_client().create_bucket().bucket(&fixture.bucket).send().await.expect("creating the test bucket");
+        fixture
+            .s3_client()
+            .create_bucket()
+            .bucket(&fixture.bucket)
+            .send()
+            .await
+            .expect("creating the test bucket");
         fixture
     }
 
@@ -269,7 +303,12 @@ impl Fixture {
     }
 
     /// Agent settings; `backend` is "local" or "s3", `extra` more TOML sections.
-    pub fn settings_with(&self, backend: &str, s3_endpoint: Option<&str>, extra: &str) -> Arc<Settings> {
+    pub fn settings_with(
+        &self,
+        backend: &str,
+        s3_endpoint: Option<&str>,
+        extra: &str,
+    ) -> Arc<Settings> {
         let mut toml = format!(
             "[agent]\nworker_id = \"backup-test\"\nwork_dir = {work:?}\nlease_secs = 5\n\
              heartbeat_interval_secs = 1\npoll_interval_secs = 1\n\
@@ -337,7 +376,10 @@ impl Fixture {
         self.ops
             .client()
             .await
-            .query_one("SELECT run_id FROM ops.queue_run('proj', $1, NULL, NULL, $2)", &[&env, &metadata])
+            .query_one(
+                "SELECT run_id FROM ops.queue_run('proj', $1, NULL, NULL, $2)",
+                &[&env, &metadata],
+            )
             .await
             .unwrap()
             .get(0)
@@ -345,16 +387,24 @@ impl Fixture {
 
     /// Runs the agent until the queue is empty.
     pub async fn run_agent(&self, settings: Arc<Settings>) {
-        agent::run(settings, Workflows::standard(), Mode::Once, Shutdown::default())
-            .await
-            .expect("agent run");
+        agent::run(
+            settings,
+            Workflows::standard(),
+            Mode::Once,
+            Shutdown::default(),
+        )
+        .await
+        .expect("agent run");
     }
 
     pub async fn backup_row(&self, backup_id: Uuid) -> tokio_postgres::Row {
         self.ops
             .client()
             .await
-            .query_one("SELECT * FROM ops.backups WHERE backup_id = $1", &[&backup_id])
+            .query_one(
+                "SELECT * FROM ops.backups WHERE backup_id = $1",
+                &[&backup_id],
+            )
             .await
             .unwrap()
     }
@@ -363,14 +413,24 @@ impl Fixture {
     pub async fn run_outcome(&self, run_id: Uuid) -> (String, Value, Vec<String>) {
         let client = self.ops.client().await;
         let run = client
-            .query_one("SELECT status, metadata FROM ops.runs WHERE run_id = $1", &[&run_id])
+            .query_one(
+                "SELECT status, metadata FROM ops.runs WHERE run_id = $1",
+                &[&run_id],
+            )
             .await
             .unwrap();
         let events = client
-            .query("SELECT message FROM ops.run_events WHERE run_id = $1 ORDER BY seq", &[&run_id])
+            .query(
+                "SELECT message FROM ops.run_events WHERE run_id = $1 ORDER BY seq",
+                &[&run_id],
+            )
             .await
             .unwrap();
-        (run.get(0), run.get(1), events.iter().map(|row| row.get(0)).collect())
+        (
+            run.get(0),
+            run.get(1),
+            events.iter().map(|row| row.get(0)).collect(),
+        )
     }
 
     pub async fn run_of_backup(&self, backup_id: Uuid) -> Uuid {
@@ -385,7 +445,11 @@ pub fn sha256_of(path: &Path) -> String {
 
 /// Path of a `file://` location.
 pub fn local_path(location: &str) -> PathBuf {
-    PathBuf::from(location.strip_prefix("file://").expect("a file:// location"))
+    PathBuf::from(
+        location
+            .strip_prefix("file://")
+            .expect("a file:// location"),
+    )
 }
 
 /// Runs Python's zipfile on an archive: checks every CRC, then prints one line per
@@ -395,15 +459,34 @@ pub fn python_zip_listing(path: &Path) -> String {
                   z = zipfile.ZipFile(sys.argv[1])\n\
                   assert z.testzip() is None\n\
                   for i in z.infolist(): print(i.filename, i.file_size)\n";
-    let output = std::process::Command::new("python3").arg("-c").arg(script).arg(path).output().unwrap();
-    assert!(output.status.success(), "python zipfile failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python zipfile failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).unwrap()
 }
 
 /// Reads one entry of an archive with Python's zipfile.
 pub fn python_zip_read(path: &Path, name: &str) -> Vec<u8> {
     let script = "import sys, zipfile\nsys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))\n";
-    let output = std::process::Command::new("python3").arg("-c").arg(script).arg(path).arg(name).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     output.stdout
 }

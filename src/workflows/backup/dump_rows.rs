@@ -128,8 +128,16 @@ mod tests {
                 counter.update(chunk);
             }
             let counts = counter.finish();
-            assert_eq!(counts.get("public.res_partner"), Some(&2), "chunk size {size}");
-            assert_eq!(counts.get("public.\"Odd Name\""), Some(&1), "chunk size {size}");
+            assert_eq!(
+                counts.get("public.res_partner"),
+                Some(&2),
+                "chunk size {size}"
+            );
+            assert_eq!(
+                counts.get("public.\"Odd Name\""),
+                Some(&1),
+                "chunk size {size}"
+            );
         }
     }
 

@@ -11,15 +11,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::manifest;
 use super::pg::validate_db_name;
 use super::process::PgRunner;
 use super::records::{self, BackupRecord, EnvironmentRow, Stored};
 use super::stream::{self, ArchiveInput, ArchiveSummary, PartSink, Progress};
-use super::manifest;
 use crate::config::backup::{EnvBackupSettings, PgTools};
 use crate::config::Settings;
 use crate::events::EventSink;
-use crate::storage::{StorageError, Stores, StoredObject};
+use crate::storage::{StorageError, StoredObject, Stores};
 use crate::workflows::RunContext;
 
 /// How often a running backup reports its progress.
@@ -83,12 +83,20 @@ impl Job {
     }
 
     /// Runs backup `backup_id` of `env` and records its outcome in ops.backups.
-    pub async fn backup(&self, env: &EnvironmentRow, backup_id: Uuid, backup_type: &str) -> anyhow::Result<BackupRecord> {
+    pub async fn backup(
+        &self,
+        env: &EnvironmentRow,
+        backup_id: Uuid,
+        backup_type: &str,
+    ) -> anyhow::Result<BackupRecord> {
         records::start(&self.pool, backup_id, self.run_id).await?;
         let started = Instant::now();
         tracing::info!(backup.id = %backup_id, env.id = %env.env_id, "backup started");
         self.reporter
-            .info(format!("Backing up database {} of {} ({backup_type})", env.db_name, env.env_id))
+            .info(format!(
+                "Backing up database {} of {} ({backup_type})",
+                env.db_name, env.env_id
+            ))
             .await;
         let outcome = self.stream_backup(env, backup_id, backup_type).await;
         let elapsed = started.elapsed().as_secs_f64();
@@ -145,9 +153,13 @@ impl Job {
         let pg = self.pg_runner(&env.env_id).await?;
         let (dump_major, server_major) = pg.check_dump_version().await?;
         self.reporter
-            .info(format!("pg_dump {dump_major} on {} for PostgreSQL {server_major}", pg.describe()))
+            .info(format!(
+                "pg_dump {dump_major} on {} for PostgreSQL {server_major}",
+                pg.describe()
+            ))
             .await;
-        let manifest = manifest::start_manifest(&pg, env, backup_id, backup_type, dump_major).await?;
+        let manifest =
+            manifest::start_manifest(&pg, env, backup_id, backup_type, dump_major).await?;
         let filestore = self.filestore_dir(env_settings, &env.db_name).await;
 
         let stores = Stores::from_settings(&self.settings.storage);
@@ -167,7 +179,8 @@ impl Job {
             progress: progress.clone(),
         };
         let sink = PartSink::new(part_tx, store.clone(), progress.clone());
-        let archive = tokio::task::spawn_blocking(move || stream::write_archive(input, dump_rx, sink));
+        let archive =
+            tokio::task::spawn_blocking(move || stream::write_archive(input, dump_rx, sink));
         let upload = store.put_stream(&key, part_rx, upload_cancel.clone());
         let reporting = self.report_progress(progress.clone());
 
@@ -192,13 +205,24 @@ impl Job {
 
     /// The environment's filestore directory, or `None` (with a warning) when it does
     /// not exist.
-    async fn filestore_dir(&self, env_settings: &EnvBackupSettings, db_name: &str) -> Option<std::path::PathBuf> {
+    async fn filestore_dir(
+        &self,
+        env_settings: &EnvBackupSettings,
+        db_name: &str,
+    ) -> Option<std::path::PathBuf> {
         let dir = env_settings.data_dir.join("filestore").join(db_name);
-        if tokio::fs::metadata(&dir).await.map(|m| m.is_dir()).unwrap_or(false) {
+        if tokio::fs::metadata(&dir)
+            .await
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
             return Some(dir);
         }
         self.reporter
-            .warn(format!("Filestore {} does not exist; the backup holds the database only", dir.display()))
+            .warn(format!(
+                "Filestore {} does not exist; the backup holds the database only",
+                dir.display()
+            ))
             .await;
         None
     }

@@ -66,7 +66,13 @@ pub async fn start_manifest(
 /// database without that table (not an Odoo database).
 async fn installed_modules(pg: &PgRunner, db: &str) -> anyhow::Result<Value> {
     let exists = pg
-        .query_json(db, &format!("SELECT to_json(to_regclass({}) IS NOT NULL)", quote_literal("public.ir_module_module")))
+        .query_json(
+            db,
+            &format!(
+                "SELECT to_json(to_regclass({}) IS NOT NULL)",
+                quote_literal("public.ir_module_module")
+            ),
+        )
         .await?;
     if exists != Value::Bool(true) {
         return Ok(json!({}));
@@ -84,7 +90,11 @@ async fn installed_modules(pg: &PgRunner, db: &str) -> anyhow::Result<Value> {
 /// Odoo's series from the base module's version: "17.0.1.3" gives "17.0", and a
 /// "saas~17.2.1.0" version gives "saas~17.2".
 fn major_version(base_version: &str) -> String {
-    base_version.split('.').take(2).collect::<Vec<_>>().join(".")
+    base_version
+        .split('.')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Odoo's release.version_info for a series such as "17.0": (17, 0, 0, 'final', 0).

@@ -54,23 +54,36 @@ async fn run(ctx: &RunContext) -> RunResult {
             BACKUP_TYPES.join(", ")
         )));
     }
-    let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id).await.step("load environment")?;
+    let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id)
+        .await
+        .step("load environment")?;
     let job = Job::for_run(ctx);
     let backup_id = match metadata.backup_id {
         Some(id) => id,
-        None => records::insert(ctx.pool(), &env, Some(ctx.run.run_id), &backup_type, &json!({}))
-            .await
-            .step("record backup")?,
+        None => records::insert(
+            ctx.pool(),
+            &env,
+            Some(ctx.run.run_id),
+            &backup_type,
+            &json!({}),
+        )
+        .await
+        .step("record backup")?,
     };
 
-    let record = job.backup(&env, backup_id, &backup_type).await.map_err(|err| {
-        StepError::new("backup", err).with_metadata(json!({ "backup_id": backup_id }))
-    })?;
+    let record = job
+        .backup(&env, backup_id, &backup_type)
+        .await
+        .map_err(|err| {
+            StepError::new("backup", err).with_metadata(json!({ "backup_id": backup_id }))
+        })?;
 
     let retention = &ctx.settings.backup.for_env(&env.env_id).retention;
     if let Err(err) = retention::apply(&job, &env, retention).await {
         // The backup itself succeeded; pruning is retried after the next one.
-        job.reporter.warn(format!("Applying the retention policy failed: {err:#}")).await;
+        job.reporter
+            .warn(format!("Applying the retention policy failed: {err:#}"))
+            .await;
     }
     Ok(json!({
         "backup_id": record.backup_id,
@@ -89,9 +102,19 @@ pub async fn backup_environment(
     backup_type: &str,
 ) -> anyhow::Result<BackupRecord> {
     if !BACKUP_TYPES.contains(&backup_type) {
-        anyhow::bail!("invalid backup type {backup_type:?}; expected one of {}", BACKUP_TYPES.join(", "));
+        anyhow::bail!(
+            "invalid backup type {backup_type:?}; expected one of {}",
+            BACKUP_TYPES.join(", ")
+        );
     }
     let metadata = json!({ "triggered_by": ctx.run.workflow, "run_id": ctx.run.run_id });
-    let backup_id = records::insert(ctx.pool(), env, Some(ctx.run.run_id), backup_type, &metadata).await?;
+    let backup_id = records::insert(
+        ctx.pool(),
+        env,
+        Some(ctx.run.run_id),
+        backup_type,
+        &metadata,
+    )
+    .await?;
     Job::for_run(ctx).backup(env, backup_id, backup_type).await
 }

@@ -13,13 +13,21 @@ const MAINTENANCE_DB: &str = "postgres";
 pub enum PgError {
     #[error(transparent)]
     Process(#[from] ProcessError),
-    #[error("invalid database name {0:?}: use 1 to 63 letters, digits, '_', '.' or '-', \
-             starting with a letter or digit")]
+    #[error(
+        "invalid database name {0:?}: use 1 to 63 letters, digits, '_', '.' or '-', \
+             starting with a letter or digit"
+    )]
     InvalidName(String),
-    #[error("pg_dump {dump} is older than the server {server} running on {host}; install \
+    #[error(
+        "pg_dump {dump} is older than the server {server} running on {host}; install \
              pg_dump {server} or newer (for example postgresql-client-{server}) and set \
-             pg_bin_dir, or run it in the database container with pg_tools = \"docker\"")]
-    DumpTooOld { dump: u32, server: u32, host: String },
+             pg_bin_dir, or run it in the database container with pg_tools = \"docker\""
+    )]
+    DumpTooOld {
+        dump: u32,
+        server: u32,
+        host: String,
+    },
     #[error("unexpected output from {program}: {output:?}")]
     Output { program: String, output: String },
 }
@@ -29,7 +37,9 @@ pub enum PgError {
 pub fn validate_db_name(name: &str) -> Result<(), PgError> {
     let valid = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if valid {
         Ok(())
     } else {
@@ -50,8 +60,14 @@ pub fn quote_literal(text: &str) -> String {
 /// Extracts the major version from `pg_dump --version` output such as
 /// "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)".
 pub fn parse_tool_major(output: &str) -> Option<u32> {
-    let version = output.split_whitespace().find(|word| word.starts_with(|c: char| c.is_ascii_digit()))?;
-    version.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    let version = output
+        .split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))?;
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Major version of a server_version_num: 150018 is 15, and 90624 (9.6.24) is 9.
@@ -89,8 +105,14 @@ impl PgRunner {
         validate_db_name(db)?;
         let mut args = self.connection_args();
         args.extend(
-            ["--no-psqlrc", "--quiet", "--no-align", "--tuples-only", "--set=ON_ERROR_STOP=1"]
-                .map(String::from),
+            [
+                "--no-psqlrc",
+                "--quiet",
+                "--no-align",
+                "--tuples-only",
+                "--set=ON_ERROR_STOP=1",
+            ]
+            .map(String::from),
         );
         args.push(format!("--dbname={db}"));
         args.push(format!("--command={sql}"));
@@ -107,12 +129,19 @@ impl PgRunner {
 
     /// Runs statements that return nothing of interest.
     pub async fn execute(&self, db: &str, sql: &str) -> Result<(), PgError> {
-        self.query_json(db, &format!("{sql}; SELECT 'null'")).await.map(|_| ())
+        self.query_json(db, &format!("{sql}; SELECT 'null'"))
+            .await
+            .map(|_| ())
     }
 
     /// server_version_num of the server.
     pub async fn server_version_num(&self) -> Result<u32, PgError> {
-        let value = self.query_json(MAINTENANCE_DB, "SELECT current_setting('server_version_num')").await?;
+        let value = self
+            .query_json(
+                MAINTENANCE_DB,
+                "SELECT current_setting('server_version_num')",
+            )
+            .await?;
         value.as_u64().map(|v| v as u32).ok_or(PgError::Output {
             program: "psql".to_string(),
             output: value.to_string(),
@@ -148,7 +177,13 @@ impl PgRunner {
         validate_db_name(db)?;
         let mut args = self.connection_args();
         args.extend(
-            ["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1", "--output=/dev/null"].map(String::from),
+            [
+                "--no-psqlrc",
+                "--quiet",
+                "--set=ON_ERROR_STOP=1",
+                "--output=/dev/null",
+            ]
+            .map(String::from),
         );
         args.push(format!("--dbname={db}"));
         Ok(self.spawn("psql", &args, true).await?)
@@ -190,7 +225,11 @@ impl PgRunner {
             quote_literal(from)
         );
         self.query_json(MAINTENANCE_DB, &terminate).await?;
-        let sql = format!("ALTER DATABASE {} RENAME TO {}", quote_ident(from), quote_ident(to));
+        let sql = format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(from),
+            quote_ident(to)
+        );
         self.execute_alone(&sql).await
     }
 
@@ -211,7 +250,10 @@ mod tests {
 
     #[test]
     fn tool_major_version_is_parsed_from_version_output() {
-        assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"), Some(15));
+        assert_eq!(
+            parse_tool_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(15)
+        );
         assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 9.6.24"), Some(9));
         assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 17beta1"), Some(17));
         assert_eq!(parse_tool_major("garbage"), None);
@@ -226,7 +268,15 @@ mod tests {
 
     #[test]
     fn database_names_that_tools_could_misread_are_rejected() {
-        for bad in ["", "-h", "a b", "db=x", "x;drop", "postgres://h/db", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-h",
+            "a b",
+            "db=x",
+            "x;drop",
+            "postgres://h/db",
+            &"a".repeat(64),
+        ] {
             assert!(validate_db_name(bad).is_err(), "{bad:?}");
         }
         for good in ["odoo_prod", "odoo-17.0", "A1"] {

@@ -98,7 +98,12 @@ impl PgRunner {
     }
 
     /// Starts `program` with `args`, piping stdin and stdout as requested.
-    pub async fn spawn(&self, program: &str, args: &[String], stdin: bool) -> Result<Process, ProcessError> {
+    pub async fn spawn(
+        &self,
+        program: &str,
+        args: &[String],
+        stdin: bool,
+    ) -> Result<Process, ProcessError> {
         match &self.connection.tools {
             PgTools::Host { bin_dir } => {
                 let path = match bin_dir {
@@ -112,12 +117,19 @@ impl PgRunner {
                     program: program.to_string(),
                     message: "no Docker engine connection".to_string(),
                 })?;
-                self.spawn_docker(docker, container, program, args, stdin).await
+                self.spawn_docker(docker, container, program, args, stdin)
+                    .await
             }
         }
     }
 
-    fn spawn_host(&self, program: &str, path: &str, args: &[String], stdin: bool) -> Result<Process, ProcessError> {
+    fn spawn_host(
+        &self,
+        program: &str,
+        path: &str,
+        args: &[String],
+        stdin: bool,
+    ) -> Result<Process, ProcessError> {
         let mut command = tokio::process::Command::new(path);
         command
             .args(args)
@@ -144,8 +156,14 @@ impl PgRunner {
         });
         Ok(Process {
             program: program.to_string(),
-            stdin: child.stdin.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>),
-            stdout: child.stdout.take().map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>),
+            stdin: child
+                .stdin
+                .take()
+                .map(|s| Box::pin(s) as Pin<Box<dyn AsyncWrite + Send>>),
+            stdout: child
+                .stdout
+                .take()
+                .map(|s| Box::pin(s) as Pin<Box<dyn AsyncRead + Send>>),
             stderr,
             exit: Exit::Host(child, collector),
         })
@@ -159,7 +177,11 @@ impl PgRunner {
         args: &[String],
         stdin: bool,
     ) -> Result<Process, ProcessError> {
-        let env: Vec<String> = self.environment().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env: Vec<String> = self
+            .environment()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         spawn_exec(docker, container, program, args, env, stdin).await
     }
 }
@@ -189,13 +211,19 @@ pub async fn spawn_exec(
         tty: Some(false),
         ..Default::default()
     };
-    let exec = docker.create_exec(container, options).await.map_err(start_failed)?;
+    let exec = docker
+        .create_exec(container, options)
+        .await
+        .map_err(start_failed)?;
     let start = StartExecOptions {
         detach: false,
         tty: false,
         output_capacity: None,
     };
-    let started = docker.start_exec(&exec.id, Some(start)).await.map_err(start_failed)?;
+    let started = docker
+        .start_exec(&exec.id, Some(start))
+        .await
+        .map_err(start_failed)?;
     let StartExecResults::Attached { output, input } = started else {
         return Err(ProcessError::Start {
             program: program.to_string(),
@@ -226,7 +254,8 @@ pub async fn exec_in_container(
     program: &str,
     args: &[String],
 ) -> Result<(), ProcessError> {
-    let mut process = spawn_exec(docker.clone(), container, program, args, Vec::new(), false).await?;
+    let mut process =
+        spawn_exec(docker.clone(), container, program, args, Vec::new(), false).await?;
     let mut stdout = process.stdout.take().expect("stdout is piped");
     let _ = tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await;
     process.wait().await
@@ -235,12 +264,20 @@ pub async fn exec_in_container(
 fn tokio_stream_from(
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// Splits the exec's multiplexed output: stdout to the channel, stderr to the tail buffer.
 async fn pump_exec_output(
-    mut output: Pin<Box<dyn futures_util::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>>,
+    mut output: Pin<
+        Box<
+            dyn futures_util::Stream<
+                    Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+                > + Send,
+        >,
+    >,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
     stderr: Arc<Mutex<String>>,
 ) {
@@ -278,38 +315,52 @@ fn keep_tail(buffer: &Mutex<String>, bytes: &[u8]) {
 impl Process {
     /// The last lines the program wrote to stderr.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr buffer lock").trim().to_string()
+        self.stderr
+            .lock()
+            .expect("stderr buffer lock")
+            .trim()
+            .to_string()
     }
 
     /// Waits for the program to exit; a non-zero status is an error carrying its stderr.
     pub async fn wait(self) -> Result<(), ProcessError> {
-        let status = match self.exit {
-            Exit::Host(mut child, collector) => {
-                let status = child.wait().await.map_err(|err| ProcessError::Stopped {
-                    program: self.program.clone(),
-                    reason: err.to_string(),
-                })?;
-                let _ = collector.await;
-                status.code().map(i64::from).unwrap_or(-1)
-            }
-            Exit::Docker { docker, exec_id, pump } => {
-                let _ = pump.await;
-                let inspected = docker.inspect_exec(&exec_id).await.map_err(|err| {
-                    ProcessError::Stopped {
+        let status =
+            match self.exit {
+                Exit::Host(mut child, collector) => {
+                    let status = child.wait().await.map_err(|err| ProcessError::Stopped {
                         program: self.program.clone(),
-                        reason: format!("inspecting the exec failed: {err}"),
-                    }
-                })?;
-                inspected.exit_code.unwrap_or(-1)
-            }
-        };
+                        reason: err.to_string(),
+                    })?;
+                    let _ = collector.await;
+                    status.code().map(i64::from).unwrap_or(-1)
+                }
+                Exit::Docker {
+                    docker,
+                    exec_id,
+                    pump,
+                } => {
+                    let _ = pump.await;
+                    let inspected = docker.inspect_exec(&exec_id).await.map_err(|err| {
+                        ProcessError::Stopped {
+                            program: self.program.clone(),
+                            reason: format!("inspecting the exec failed: {err}"),
+                        }
+                    })?;
+                    inspected.exit_code.unwrap_or(-1)
+                }
+            };
         if status == 0 {
             return Ok(());
         }
         Err(ProcessError::Exit {
             program: self.program,
             status,
-            stderr: self.stderr.lock().expect("stderr buffer lock").trim().to_string(),
+            stderr: self
+                .stderr
+                .lock()
+                .expect("stderr buffer lock")
+                .trim()
+                .to_string(),
         })
     }
 

@@ -26,7 +26,10 @@ impl EnvironmentRow {
     }
 
     pub async fn load(pool: &Pool, env_id: &str) -> anyhow::Result<EnvironmentRow> {
-        let client = pool.get().await.context("connecting to the control plane failed")?;
+        let client = pool
+            .get()
+            .await
+            .context("connecting to the control plane failed")?;
         let row = client
             .query_opt(
                 "SELECT env_id, project_id, env_type, db_name, config FROM ops.environments \
@@ -98,7 +101,9 @@ impl BackupRecord {
 pub const FORMAT: &str = "odoo-zip";
 
 async fn client(pool: &Pool) -> anyhow::Result<deadpool_postgres::Object> {
-    pool.get().await.context("connecting to the control plane failed")
+    pool.get()
+        .await
+        .context("connecting to the control plane failed")
 }
 
 pub async fn get(pool: &Pool, backup_id: Uuid) -> anyhow::Result<BackupRecord> {
@@ -128,7 +133,8 @@ pub async fn latest_success(pool: &Pool, env_id: &str) -> anyhow::Result<Option<
 
 /// All backups of an environment, newest first.
 pub async fn list(pool: &Pool, env_id: &str) -> anyhow::Result<Vec<BackupRecord>> {
-    let sql = format!("SELECT {COLUMNS} FROM ops.backups WHERE env_id = $1 ORDER BY created_at DESC");
+    let sql =
+        format!("SELECT {COLUMNS} FROM ops.backups WHERE env_id = $1 ORDER BY created_at DESC");
     let rows = client(pool)
         .await?
         .query(&sql, &[&env_id])
@@ -151,7 +157,13 @@ pub async fn insert(
         .query_one(
             "INSERT INTO ops.backups (project_id, env_id, run_id, backup_type, metadata) \
              VALUES ($1, $2, $3, $4, $5) RETURNING backup_id",
-            &[&env.project_id, &env.env_id, &run_id, &backup_type, metadata],
+            &[
+                &env.project_id,
+                &env.env_id,
+                &run_id,
+                &backup_type,
+                metadata,
+            ],
         )
         .await
         .with_context(|| format!("recording a {backup_type} backup of {} failed", env.env_id))?;
@@ -172,7 +184,10 @@ pub async fn start(pool: &Pool, backup_id: Uuid, run_id: Option<Uuid>) -> anyhow
         .with_context(|| format!("marking backup {backup_id} running failed"))?;
     if updated == 0 {
         let record = get(pool, backup_id).await?;
-        anyhow::bail!("backup {backup_id} is {}; only a pending or failed backup can run", record.status);
+        anyhow::bail!(
+            "backup {backup_id} is {}; only a pending or failed backup can run",
+            record.status
+        );
     }
     Ok(())
 }
@@ -186,7 +201,11 @@ pub struct Stored<'a> {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-pub async fn succeed(pool: &Pool, backup_id: Uuid, stored: Stored<'_>) -> anyhow::Result<BackupRecord> {
+pub async fn succeed(
+    pool: &Pool,
+    backup_id: Uuid,
+    stored: Stored<'_>,
+) -> anyhow::Result<BackupRecord> {
     let sql = format!(
         "UPDATE ops.backups SET status = 'success', db_dump_path = $2, size_bytes = $3, \
                 digest = $4, manifest = $5, expires_at = $6, finished_at = now(), error = NULL \

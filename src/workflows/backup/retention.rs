@@ -32,9 +32,14 @@ pub struct RetentionOutcome {
 }
 
 /// Returns the successful or already-deleted backups that the policy drops.
-pub fn select_expired(backups: &[BackupRecord], policy: &Retention, now: DateTime<Utc>) -> Vec<Uuid> {
-    let mut successes: Vec<&BackupRecord> = backups.iter().filter(|b| b.status == "success").collect();
-    successes.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+pub fn select_expired(
+    backups: &[BackupRecord],
+    policy: &Retention,
+    now: DateTime<Utc>,
+) -> Vec<Uuid> {
+    let mut successes: Vec<&BackupRecord> =
+        backups.iter().filter(|b| b.status == "success").collect();
+    successes.sort_by_key(|b| std::cmp::Reverse(b.created_at));
     let newest = successes.first().map(|b| b.backup_id);
 
     let scheduled: Vec<&BackupRecord> = successes
@@ -43,9 +48,24 @@ pub fn select_expired(backups: &[BackupRecord], policy: &Retention, now: DateTim
         .filter(|b| matches!(b.backup_type.as_str(), "daily" | "weekly" | "monthly"))
         .collect();
     let mut kept: HashSet<Uuid> = HashSet::new();
-    keep_newest_per_period(&scheduled, policy.daily, |t| (t.year(), t.ordinal(), 0), &mut kept);
-    keep_newest_per_period(&scheduled, policy.weekly, |t| (t.iso_week().year(), t.iso_week().week(), 1), &mut kept);
-    keep_newest_per_period(&scheduled, policy.monthly, |t| (t.year(), t.month(), 2), &mut kept);
+    keep_newest_per_period(
+        &scheduled,
+        policy.daily,
+        |t| (t.year(), t.ordinal(), 0),
+        &mut kept,
+    );
+    keep_newest_per_period(
+        &scheduled,
+        policy.weekly,
+        |t| (t.iso_week().year(), t.iso_week().week(), 1),
+        &mut kept,
+    );
+    keep_newest_per_period(
+        &scheduled,
+        policy.monthly,
+        |t| (t.year(), t.month(), 2),
+        &mut kept,
+    );
 
     let mut expired = Vec::new();
     for backup in &successes {
@@ -61,7 +81,12 @@ pub fn select_expired(backups: &[BackupRecord], policy: &Retention, now: DateTim
             expired.push(backup.backup_id);
         }
     }
-    expired.extend(backups.iter().filter(|b| b.status == "deleted").map(|b| b.backup_id));
+    expired.extend(
+        backups
+            .iter()
+            .filter(|b| b.status == "deleted")
+            .map(|b| b.backup_id),
+    );
     expired
 }
 
@@ -92,8 +117,16 @@ fn keep_newest_per_period<K: Eq + std::hash::Hash>(
 
 /// Applies the policy to one environment. Another agent pruning the same environment
 /// at the same time makes this pass a no-op.
-pub async fn apply(job: &Job, env: &EnvironmentRow, policy: &Retention) -> anyhow::Result<RetentionOutcome> {
-    let lock = job.pool.get().await.context("connecting to the control plane failed")?;
+pub async fn apply(
+    job: &Job,
+    env: &EnvironmentRow,
+    policy: &Retention,
+) -> anyhow::Result<RetentionOutcome> {
+    let lock = job
+        .pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     let locked: bool = lock
         .query_one(
             "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
@@ -107,12 +140,19 @@ pub async fn apply(job: &Job, env: &EnvironmentRow, policy: &Retention) -> anyho
     }
     let outcome = prune(job, env, policy).await;
     let _ = lock
-        .execute("SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", &[&RETENTION_LOCK, &env.env_id])
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
+            &[&RETENTION_LOCK, &env.env_id],
+        )
         .await;
     outcome
 }
 
-async fn prune(job: &Job, env: &EnvironmentRow, policy: &Retention) -> anyhow::Result<RetentionOutcome> {
+async fn prune(
+    job: &Job,
+    env: &EnvironmentRow,
+    policy: &Retention,
+) -> anyhow::Result<RetentionOutcome> {
     let backups = records::list(&job.pool, &env.env_id).await?;
     let expired = select_expired(&backups, policy, Utc::now());
     let stores = Stores::from_settings(&job.settings.storage);
@@ -122,12 +162,19 @@ async fn prune(job: &Job, env: &EnvironmentRow, policy: &Retention) -> anyhow::R
             Ok(()) => outcome.deleted.push(backup.backup_id),
             Err(err) => {
                 job.reporter
-                    .warn(format!("Deleting expired backup {} failed: {err:#}", backup.backup_id))
+                    .warn(format!(
+                        "Deleting expired backup {} failed: {err:#}",
+                        backup.backup_id
+                    ))
                     .await
             }
         }
     }
-    let client = job.pool.get().await.context("connecting to the control plane failed")?;
+    let client = job
+        .pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     let failed_before = Utc::now() - policy.failed;
     outcome.failed_rows_removed = client
         .execute(
@@ -142,7 +189,12 @@ async fn prune(job: &Job, env: &EnvironmentRow, policy: &Retention) -> anyhow::R
                 "Retention: deleted {} expired backup(s) of {}: {}",
                 outcome.deleted.len(),
                 env.env_id,
-                outcome.deleted.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", ")
+                outcome
+                    .deleted
+                    .iter()
+                    .map(Uuid::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
             .await;
     }
@@ -150,7 +202,11 @@ async fn prune(job: &Job, env: &EnvironmentRow, policy: &Retention) -> anyhow::R
 }
 
 async fn delete_backup(job: &Job, stores: &Stores, backup: &BackupRecord) -> anyhow::Result<()> {
-    let client = job.pool.get().await.context("connecting to the control plane failed")?;
+    let client = job
+        .pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     client
         .execute(
             "UPDATE ops.backups SET status = 'deleted' WHERE backup_id = $1 AND status = 'success'",
@@ -163,7 +219,10 @@ async fn delete_backup(job: &Job, stores: &Stores, backup: &BackupRecord) -> any
         store.delete(&key).await?;
     }
     client
-        .execute("DELETE FROM ops.backups WHERE backup_id = $1 AND status = 'deleted'", &[&backup.backup_id])
+        .execute(
+            "DELETE FROM ops.backups WHERE backup_id = $1 AND status = 'deleted'",
+            &[&backup.backup_id],
+        )
         .await
         .context("removing the backup row failed")?;
     Ok(())

@@ -65,7 +65,11 @@ pub async fn run(settings: Arc<Settings>, pool: Pool, shutdown: CancellationToke
 }
 
 /// Queues every due slot and returns how long to sleep until the next one.
-pub async fn tick(settings: &Settings, pool: &Pool, now: DateTime<Utc>) -> anyhow::Result<Duration> {
+pub async fn tick(
+    settings: &Settings,
+    pool: &Pool,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Duration> {
     let entries = load_entries(settings, pool).await?;
     let mut wait = RELOAD_INTERVAL;
     for entry in &entries {
@@ -85,12 +89,18 @@ pub async fn tick(settings: &Settings, pool: &Pool, now: DateTime<Utc>) -> anyho
 /// The latest slot in (now - CATCH_UP, now].
 pub fn due_slot(cron: &CronSchedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let since = now - chrono::Duration::from_std(CATCH_UP).expect("an hour fits");
-    cron.schedule.after(&since).take_while(|slot| *slot <= now).last()
+    cron.schedule
+        .after(&since)
+        .take_while(|slot| *slot <= now)
+        .last()
 }
 
 /// The schedules of the environments this agent serves and the workflows it runs.
 pub async fn load_entries(settings: &Settings, pool: &Pool) -> anyhow::Result<Vec<Entry>> {
-    let client = pool.get().await.context("connecting to the control plane failed")?;
+    let client = pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     let served = &settings.agent.environments;
     let filter: Option<&Vec<String>> = (!served.is_empty()).then_some(served);
     let rows = client
@@ -104,19 +114,30 @@ pub async fn load_entries(settings: &Settings, pool: &Pool) -> anyhow::Result<Ve
     let runs = |workflow: &str| settings.agent.workflows.iter().any(|w| w == workflow);
     let mut entries = Vec::new();
     for row in rows {
-        let (env_id, project_id, env_type): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (env_id, project_id, env_type): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
         let env_settings = settings.backup.for_env(&env_id);
         if runs("backup") {
-            let schedules = env_settings.schedules.clone().unwrap_or_else(|| default_schedules(&env_type));
+            let schedules = env_settings
+                .schedules
+                .clone()
+                .unwrap_or_else(|| default_schedules(&env_type));
             entries.extend(schedules.into_iter().map(|schedule| Entry {
                 project_id: project_id.clone(),
                 env_id: env_id.clone(),
                 cron: schedule.cron,
-                task: Task::Backup { backup_type: schedule.backup_type },
+                task: Task::Backup {
+                    backup_type: schedule.backup_type,
+                },
             }));
         }
         if let (true, Some(cron)) = (runs("restore_drill"), &env_settings.drill_schedule) {
-            entries.push(Entry { project_id, env_id, cron: cron.clone(), task: Task::Drill });
+            entries.push(Entry {
+                project_id,
+                env_id,
+                cron: cron.clone(),
+                task: Task::Drill,
+            });
         }
     }
     Ok(entries)
@@ -124,7 +145,10 @@ pub async fn load_entries(settings: &Settings, pool: &Pool) -> anyhow::Result<Ve
 
 /// Queues the run of one slot unless some agent already did. Returns whether it queued.
 pub async fn queue_slot(pool: &Pool, entry: &Entry, slot: DateTime<Utc>) -> anyhow::Result<bool> {
-    let mut client = pool.get().await.context("connecting to the control plane failed")?;
+    let mut client = pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",

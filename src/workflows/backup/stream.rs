@@ -118,7 +118,11 @@ pub struct PartSink {
 }
 
 impl PartSink {
-    pub fn new(tx: mpsc::Sender<UploadPart>, store: Arc<dyn ObjectStore>, progress: Arc<Progress>) -> PartSink {
+    pub fn new(
+        tx: mpsc::Sender<UploadPart>,
+        store: Arc<dyn ObjectStore>,
+        progress: Arc<Progress>,
+    ) -> PartSink {
         let capacity = store.part_size(1);
         PartSink {
             tx,
@@ -162,7 +166,9 @@ impl Write for PartSink {
         self.buffer.extend_from_slice(&buf[..taken]);
         self.sha256.update(&buf[..taken]);
         self.written += taken as u64;
-        self.progress.archive_bytes.store(self.written, Ordering::Relaxed);
+        self.progress
+            .archive_bytes
+            .store(self.written, Ordering::Relaxed);
         if self.buffer.len() == self.store.part_size(self.part_number) {
             self.send_part()?;
         }
@@ -214,7 +220,9 @@ pub fn write_archive(
     entry.write_all(&text)?;
     entry.finish()?;
 
-    let sink = zip.finish().context("writing the zip central directory failed")?;
+    let sink = zip
+        .finish()
+        .context("writing the zip central directory failed")?;
     let (size_bytes, sha256) = sink.finish().context("sending the last part failed")?;
     Ok(ArchiveSummary {
         size_bytes,
@@ -223,7 +231,12 @@ pub fn write_archive(
     })
 }
 
-fn options(method: Method, input: &ArchiveInput, modified: DateTime<Utc>, large: bool) -> EntryOptions {
+fn options(
+    method: Method,
+    input: &ArchiveInput,
+    modified: DateTime<Utc>,
+    large: bool,
+) -> EntryOptions {
     EntryOptions {
         method,
         level: input.compression_level,
@@ -245,7 +258,9 @@ fn write_dump(
         match dump.blocking_recv() {
             Some(DumpChunk::Data(data)) => {
                 rows.update(&data);
-                entry.write_all(&data).context("writing dump.sql into the archive failed")?;
+                entry
+                    .write_all(&data)
+                    .context("writing dump.sql into the archive failed")?;
                 size += data.len() as u64;
                 input.progress.dump_bytes.store(size, Ordering::Relaxed);
             }
@@ -259,7 +274,11 @@ fn write_dump(
 }
 
 /// Adds every regular file under `root` as `filestore/<relative path>`, in name order.
-fn write_filestore(zip: &mut ZipWriter<PartSink>, root: &Path, input: &ArchiveInput) -> anyhow::Result<Value> {
+fn write_filestore(
+    zip: &mut ZipWriter<PartSink>,
+    root: &Path,
+    input: &ArchiveInput,
+) -> anyhow::Result<Value> {
     let mut files = 0u64;
     let mut bytes = 0u64;
     let mut skipped = Vec::new();
@@ -289,27 +308,41 @@ fn write_filestore(zip: &mut ZipWriter<PartSink>, root: &Path, input: &ArchiveIn
     Ok(json!({ "present": true, "files": files, "bytes": bytes, "skipped": skipped }))
 }
 
-fn add_file(zip: &mut ZipWriter<PartSink>, root: &Path, relative: &Path, input: &ArchiveInput) -> anyhow::Result<u64> {
+fn add_file(
+    zip: &mut ZipWriter<PartSink>,
+    root: &Path,
+    relative: &Path,
+    input: &ArchiveInput,
+) -> anyhow::Result<u64> {
     let path = root.join(relative);
     let name = relative
         .to_str()
         .ok_or_else(|| anyhow!("filestore file name {} is not UTF-8", path.display()))?;
-    let mut file = std::fs::File::open(&path).with_context(|| format!("opening {} failed", path.display()))?;
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("opening {} failed", path.display()))?;
     let metadata = file.metadata()?;
-    let modified = metadata.modified().map(DateTime::<Utc>::from).unwrap_or_else(|_| Utc::now());
+    let modified = metadata
+        .modified()
+        .map(DateTime::<Utc>::from)
+        .unwrap_or_else(|_| Utc::now());
 
     let mut block = vec![0u8; FILE_BLOCK];
-    let mut filled = read_full(&mut file, &mut block).with_context(|| format!("reading {} failed", path.display()))?;
+    let mut filled = read_full(&mut file, &mut block)
+        .with_context(|| format!("reading {} failed", path.display()))?;
     let method = if entropy(&block[..filled.min(ENTROPY_SAMPLE)]) > STORE_ENTROPY {
         Method::Stored
     } else {
         Method::Deflate
     };
     let large = metadata.len() >= LARGE_ENTRY;
-    let mut entry = zip.start_entry(&format!("filestore/{name}"), options(method, input, modified, large))?;
+    let mut entry = zip.start_entry(
+        &format!("filestore/{name}"),
+        options(method, input, modified, large),
+    )?;
     while filled > 0 {
         entry.write_all(&block[..filled])?;
-        filled = read_full(&mut file, &mut block).with_context(|| format!("reading {} failed", path.display()))?;
+        filled = read_full(&mut file, &mut block)
+            .with_context(|| format!("reading {} failed", path.display()))?;
     }
     Ok(entry.finish()?.size)
 }
@@ -353,7 +386,9 @@ mod tests {
     #[test]
     fn entropy_separates_text_from_random_bytes() {
         let text = b"<odoo><record id=\"partner_1\" model=\"res.partner\"/></odoo>\n".repeat(300);
-        let noise: Vec<u8> = (0..16_384u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let noise: Vec<u8> = (0..16_384u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
         assert!(entropy(&text) < STORE_ENTROPY, "{}", entropy(&text));
         assert!(entropy(&noise) > STORE_ENTROPY, "{}", entropy(&noise));
         assert_eq!(entropy(&[]), 0.0);

@@ -23,7 +23,11 @@ pub struct RestoreOptions {
 }
 
 /// Runs the restore; `cancel` stops it (the caller wires it to SIGINT and SIGTERM).
-pub async fn run(settings: Arc<Settings>, options: RestoreOptions, cancel: CancellationToken) -> anyhow::Result<RestoreReport> {
+pub async fn run(
+    settings: Arc<Settings>,
+    options: RestoreOptions,
+    cancel: CancellationToken,
+) -> anyhow::Result<RestoreReport> {
     let pool = crate::db::pool(&settings.database).map_err(anyhow::Error::msg)?;
     let job = Job {
         pool: pool.clone(),

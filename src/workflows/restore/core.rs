@@ -48,7 +48,11 @@ pub struct RestoreReport {
 pub async fn restore(job: &Job, request: RestoreRequest) -> anyhow::Result<RestoreReport> {
     validate_db_name(&request.target_db)?;
     if request.backup.status != "success" {
-        bail!("backup {} is {}; only a successful backup can be restored", request.backup.backup_id, request.backup.status);
+        bail!(
+            "backup {} is {}; only a successful backup can be restored",
+            request.backup.backup_id,
+            request.backup.status
+        );
     }
     let restore_id = records::start(
         &job.pool,
@@ -80,7 +84,9 @@ pub async fn restore(job: &Job, request: RestoreRequest) -> anyhow::Result<Resto
         Err(err) => {
             let message = format!("{err:#}");
             tracing::warn!(restore.id = %restore_id, error = %message, "restore failed");
-            if let Err(record_err) = records::finish(&job.pool, restore_id, false, &json!({}), Some(&message)).await {
+            if let Err(record_err) =
+                records::finish(&job.pool, restore_id, false, &json!({}), Some(&message)).await
+            {
                 tracing::error!(restore.id = %restore_id, error = %format!("{record_err:#}"), "recording the failure failed");
             }
             Err(err)
@@ -93,7 +99,12 @@ pub async fn restore(job: &Job, request: RestoreRequest) -> anyhow::Result<Resto
 fn filestore_root(job: &Job, request: &RestoreRequest) -> PathBuf {
     match request.kind {
         RestoreKind::Drill => job.settings.agent.work_dir.join("drills"),
-        _ => job.settings.backup.for_env(&request.env.env_id).data_dir.join("filestore"),
+        _ => job
+            .settings
+            .backup
+            .for_env(&request.env.env_id)
+            .data_dir
+            .join("filestore"),
     }
 }
 
@@ -104,7 +115,11 @@ fn staging_name(target: &str, restore_id: Uuid, suffix: &str) -> String {
     format!("{}_{suffix}{}", &target[..keep], &id[..8])
 }
 
-async fn execute(job: &Job, request: &RestoreRequest, restore_id: Uuid) -> anyhow::Result<(Value, u64)> {
+async fn execute(
+    job: &Job,
+    request: &RestoreRequest,
+    restore_id: Uuid,
+) -> anyhow::Result<(Value, u64)> {
     let pg = job.pg_runner(&request.env.env_id).await?;
     let root = filestore_root(job, request);
     let target = &request.target_db;
@@ -129,7 +144,8 @@ async fn execute(job: &Job, request: &RestoreRequest, restore_id: Uuid) -> anyho
         }
     };
     drop(archive_file);
-    let verified = verify::row_counts(&pg, &load_db, &manifest, request.kind == RestoreKind::Drill).await;
+    let verified =
+        verify::row_counts(&pg, &load_db, &manifest, request.kind == RestoreKind::Drill).await;
     let (rows, files) = match verified {
         Ok(rows) => (rows, checks["filestore_files"].as_u64().unwrap_or(0)),
         Err(err) => {
@@ -145,7 +161,9 @@ async fn execute(job: &Job, request: &RestoreRequest, restore_id: Uuid) -> anyho
             let attachments = verify::attachments(&pg, &load_db, &root.join(&load_db)).await;
             discard(&pg, &root, &load_db).await;
             checks["attachments"] = attachments?;
-            job.reporter.info(format!("Dropped scratch database {load_db}")).await;
+            job.reporter
+                .info(format!("Dropped scratch database {load_db}"))
+                .await;
         }
     }
     Ok((checks, files))
@@ -161,7 +179,10 @@ async fn refuse_existing(pg: &PgRunner, root: &Path, target: &str) -> anyhow::Re
     }
     let dir = root.join(target);
     if tokio::fs::metadata(&dir).await.is_ok() {
-        bail!("filestore {} already exists; remove it or choose another target_db", dir.display());
+        bail!(
+            "filestore {} already exists; remove it or choose another target_db",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -184,19 +205,44 @@ async fn load(
     });
 
     pg.create_database(load_db).await?;
-    job.reporter.info(format!("Loading dump.sql into {load_db}")).await;
+    job.reporter
+        .info(format!("Loading dump.sql into {load_db}"))
+        .await;
     let started = Instant::now();
     load_dump(pg, archive.clone(), load_db, stop.clone()).await?;
     job.reporter
-        .info(format!("Loaded dump.sql in {:.1} s", started.elapsed().as_secs_f64()))
+        .info(format!(
+            "Loaded dump.sql in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ))
         .await;
 
-    tokio::fs::create_dir_all(root).await.with_context(|| format!("creating {} failed", root.display()))?;
-    let owner = job.settings.backup.for_env(&request.env.env_id).filestore_owner;
-    let owner = if request.kind == RestoreKind::Drill { None } else { owner };
-    let files = extract_filestore(archive, root.to_path_buf(), load_db.to_string(), owner, stop).await?;
+    tokio::fs::create_dir_all(root)
+        .await
+        .with_context(|| format!("creating {} failed", root.display()))?;
+    let owner = job
+        .settings
+        .backup
+        .for_env(&request.env.env_id)
+        .filestore_owner;
+    let owner = if request.kind == RestoreKind::Drill {
+        None
+    } else {
+        owner
+    };
+    let files = extract_filestore(
+        archive,
+        root.to_path_buf(),
+        load_db.to_string(),
+        owner,
+        stop,
+    )
+    .await?;
     job.reporter
-        .info(format!("Extracted {files} filestore files to {}", root.join(load_db).display()))
+        .info(format!(
+            "Extracted {files} filestore files to {}",
+            root.join(load_db).display()
+        ))
         .await;
     watcher.abort();
 
@@ -223,7 +269,14 @@ async fn discard(pg: &PgRunner, root: &Path, db: &str) {
 }
 
 /// Swaps the loaded database and filestore in for the target's, then drops the old ones.
-async fn replace(job: &Job, pg: &PgRunner, root: &Path, load_db: &str, target: &str, restore_id: Uuid) -> anyhow::Result<()> {
+async fn replace(
+    job: &Job,
+    pg: &PgRunner,
+    root: &Path,
+    load_db: &str,
+    target: &str,
+    restore_id: Uuid,
+) -> anyhow::Result<()> {
     let old = staging_name(target, restore_id, "replaced");
     let had_target = pg.database_exists(target).await?;
     if had_target {
@@ -238,12 +291,21 @@ async fn replace(job: &Job, pg: &PgRunner, root: &Path, load_db: &str, target: &
     let (target_dir, old_dir) = (root.join(target), root.join(&old));
     let had_filestore = tokio::fs::metadata(&target_dir).await.is_ok();
     if had_filestore {
-        tokio::fs::rename(&target_dir, &old_dir).await.with_context(|| format!("moving {} aside failed", target_dir.display()))?;
+        tokio::fs::rename(&target_dir, &old_dir)
+            .await
+            .with_context(|| format!("moving {} aside failed", target_dir.display()))?;
     }
     tokio::fs::rename(root.join(load_db), &target_dir)
         .await
-        .with_context(|| format!("putting the restored filestore at {} failed", target_dir.display()))?;
-    job.reporter.info(format!("Replaced database {target} and its filestore")).await;
+        .with_context(|| {
+            format!(
+                "putting the restored filestore at {} failed",
+                target_dir.display()
+            )
+        })?;
+    job.reporter
+        .info(format!("Replaced database {target} and its filestore"))
+        .await;
     if had_target {
         discard(pg, root, &old).await;
     }

@@ -42,10 +42,15 @@ pub async fn fetch_verified(job: &Job, backup: &BackupRecord) -> anyhow::Result<
         .with_context(|| format!("backup {} has no sha256 digest to verify", backup.backup_id))?;
 
     let archive = match location.strip_prefix("file://") {
-        Some(path) => FetchedArchive { path: PathBuf::from(path), downloaded: false },
+        Some(path) => FetchedArchive {
+            path: PathBuf::from(path),
+            downloaded: false,
+        },
         None => download(job, location, backup).await?,
     };
-    job.reporter.info(format!("Verifying the checksum of {location}")).await;
+    job.reporter
+        .info(format!("Verifying the checksum of {location}"))
+        .await;
     let actual = sha256_file(&archive.path).await?;
     if actual != expected {
         bail!("checksum mismatch for {location}: expected sha256:{expected}, found sha256:{actual}; the archive is corrupt or was replaced");
@@ -53,7 +58,11 @@ pub async fn fetch_verified(job: &Job, backup: &BackupRecord) -> anyhow::Result<
     Ok(archive)
 }
 
-async fn download(job: &Job, location: &str, backup: &BackupRecord) -> anyhow::Result<FetchedArchive> {
+async fn download(
+    job: &Job,
+    location: &str,
+    backup: &BackupRecord,
+) -> anyhow::Result<FetchedArchive> {
     let stores = Stores::from_settings(&job.settings.storage);
     let (store, key) = stores.resolve(location)?;
     let dir = job.settings.agent.work_dir.join("restores");
@@ -96,9 +105,11 @@ async fn download(job: &Job, location: &str, backup: &BackupRecord) -> anyhow::R
 pub async fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path).with_context(|| format!("opening {} failed", path.display()))?;
+        let mut file = std::fs::File::open(&path)
+            .with_context(|| format!("opening {} failed", path.display()))?;
         let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {} failed", path.display()))?;
+        std::io::copy(&mut file, &mut hasher)
+            .with_context(|| format!("reading {} failed", path.display()))?;
         Ok(hex::encode(hasher.finalize()))
     })
     .await

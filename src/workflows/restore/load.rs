@@ -21,7 +21,8 @@ const SCRIPT_CHUNK: usize = 256 * 1024;
 pub async fn open_archive(path: &Path) -> anyhow::Result<Arc<ArchiveReader>> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        ArchiveReader::open(&path).with_context(|| format!("reading the zip {} failed", path.display()))
+        ArchiveReader::open(&path)
+            .with_context(|| format!("reading the zip {} failed", path.display()))
     })
     .await
     .context("the archive thread panicked")?
@@ -30,15 +31,28 @@ pub async fn open_archive(path: &Path) -> anyhow::Result<Arc<ArchiveReader>> {
 
 /// Reads manifest.json from the archive.
 pub fn read_manifest(archive: &ArchiveReader) -> anyhow::Result<serde_json::Value> {
-    let entry = archive.entry("manifest.json").context("the archive has no manifest.json")?;
+    let entry = archive
+        .entry("manifest.json")
+        .context("the archive has no manifest.json")?;
     let mut text = String::new();
-    archive.open_entry(entry)?.read_to_string(&mut text).context("reading manifest.json failed")?;
+    archive
+        .open_entry(entry)?
+        .read_to_string(&mut text)
+        .context("reading manifest.json failed")?;
     serde_json::from_str(&text).context("manifest.json is not valid JSON")
 }
 
 /// Runs dump.sql from the archive into the existing empty database `db`.
-pub async fn load_dump(pg: &PgRunner, archive: Arc<ArchiveReader>, db: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let entry = archive.entry("dump.sql").context("the archive has no dump.sql")?.clone();
+pub async fn load_dump(
+    pg: &PgRunner,
+    archive: Arc<ArchiveReader>,
+    db: &str,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let entry = archive
+        .entry("dump.sql")
+        .context("the archive has no dump.sql")?
+        .clone();
     let mut psql = pg.start_script(db).await?;
     let mut stdin = psql.stdin.take().expect("psql stdin is piped");
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
@@ -66,7 +80,10 @@ pub async fn load_dump(pg: &PgRunner, archive: Arc<ArchiveReader>, db: &str, sto
     let mut fed = Ok(());
     while let Some(chunk) = rx.recv().await {
         let written = match chunk {
-            Ok(data) => stdin.write_all(&data).await.map_err(|err| anyhow!("psql stopped reading: {err}")),
+            Ok(data) => stdin
+                .write_all(&data)
+                .await
+                .map_err(|err| anyhow!("psql stopped reading: {err}")),
             Err(err) => Err(anyhow!("reading dump.sql from the archive failed: {err}")),
         };
         if let Err(err) = written {
@@ -111,12 +128,18 @@ fn extract_blocking(
     }
     let staging = root.join(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).with_context(|| format!("creating {} failed", staging.display()))?;
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("creating {} failed", staging.display()))?;
     let result = extract_entries(archive, &staging, owner, stop);
     match result {
         Ok(files) => {
-            std::fs::rename(&staging, &target)
-                .with_context(|| format!("renaming {} to {} failed", staging.display(), target.display()))?;
+            std::fs::rename(&staging, &target).with_context(|| {
+                format!(
+                    "renaming {} to {} failed",
+                    staging.display(),
+                    target.display()
+                )
+            })?;
             chown(&target, owner)?;
             Ok(files)
         }
@@ -127,10 +150,17 @@ fn extract_blocking(
     }
 }
 
-fn extract_entries(archive: &ArchiveReader, staging: &Path, owner: Option<(u32, u32)>, stop: &AtomicBool) -> anyhow::Result<u64> {
+fn extract_entries(
+    archive: &ArchiveReader,
+    staging: &Path,
+    owner: Option<(u32, u32)>,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
     let mut files = 0;
     for entry in archive.entries() {
-        let Some(relative) = entry.name.strip_prefix("filestore/") else { continue };
+        let Some(relative) = entry.name.strip_prefix("filestore/") else {
+            continue;
+        };
         if relative.is_empty() || relative.ends_with('/') {
             continue;
         }
@@ -140,11 +170,13 @@ fn extract_entries(archive: &ArchiveReader, staging: &Path, owner: Option<(u32, 
         let path = safe_join(staging, relative)?;
         if let Some(parent) = path.parent() {
             if !parent.exists() {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {} failed", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {} failed", parent.display()))?;
                 chown(parent, owner)?;
             }
         }
-        let mut out = std::fs::File::create(&path).with_context(|| format!("creating {} failed", path.display()))?;
+        let mut out = std::fs::File::create(&path)
+            .with_context(|| format!("creating {} failed", path.display()))?;
         std::io::copy(&mut archive.open_entry(entry)?, &mut out)
             .with_context(|| format!("extracting {} failed", entry.name))?;
         chown(&path, owner)?;
@@ -156,7 +188,10 @@ fn extract_entries(archive: &ArchiveReader, staging: &Path, owner: Option<(u32, 
 /// Joins an archive path below `root`, rejecting absolute paths and `..`.
 fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
     let path = Path::new(relative);
-    if !path.components().all(|part| matches!(part, Component::Normal(_))) {
+    if !path
+        .components()
+        .all(|part| matches!(part, Component::Normal(_)))
+    {
         bail!("archive entry filestore/{relative} points outside the filestore");
     }
     Ok(root.join(path))
@@ -164,8 +199,12 @@ fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
 
 fn chown(path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .with_context(|| format!("changing the owner of {} to {uid}:{gid} failed", path.display()))?;
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).with_context(|| {
+            format!(
+                "changing the owner of {} to {uid}:{gid} failed",
+                path.display()
+            )
+        })?;
     }
     Ok(())
 }
@@ -180,6 +219,9 @@ mod tests {
         assert!(safe_join(root, "../etc/passwd").is_err());
         assert!(safe_join(root, "/etc/passwd").is_err());
         assert!(safe_join(root, "ab/../../x").is_err());
-        assert_eq!(safe_join(root, "ab/abcdef").unwrap(), root.join("ab/abcdef"));
+        assert_eq!(
+            safe_join(root, "ab/abcdef").unwrap(),
+            root.join("ab/abcdef")
+        );
     }
 }

@@ -71,20 +71,31 @@ impl Workflow for DrillWorkflow {
 
 async fn run_restore(ctx: &RunContext) -> RunResult {
     let metadata: RestoreRunMetadata = ctx.metadata()?;
-    let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id).await.step("load environment")?;
+    let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id)
+        .await
+        .step("load environment")?;
     let job = Job::for_run(ctx);
-    let request = plan_restore(&job, env, &metadata).await.map_err(StepError::invalid)?;
+    let request = plan_restore(&job, env, &metadata)
+        .await
+        .map_err(StepError::invalid)?;
     job.reporter
         .info(format!(
             "Restoring backup {} into {} ({})",
             request.backup.backup_id,
             request.target_db,
-            if request.neutralize { "neutralized" } else { "not neutralized" }
+            if request.neutralize {
+                "neutralized"
+            } else {
+                "not neutralized"
+            }
         ))
         .await;
     let report = restore(&job, request).await.step("restore")?;
     job.reporter
-        .info(format!("Restored {} in {:.1} s; checks: {}", report.target_db, report.elapsed_s, report.checks))
+        .info(format!(
+            "Restored {} in {:.1} s; checks: {}",
+            report.target_db, report.elapsed_s, report.checks
+        ))
         .await;
     Ok(json!({ "restore": report }))
 }
@@ -92,7 +103,11 @@ async fn run_restore(ctx: &RunContext) -> RunResult {
 /// Turns a restore run's metadata into a request, applying defaults and refusing
 /// combinations that could hurt: an un-neutralized copy in a non-production
 /// environment.
-pub async fn plan_restore(job: &Job, env: EnvironmentRow, metadata: &RestoreRunMetadata) -> anyhow::Result<RestoreRequest> {
+pub async fn plan_restore(
+    job: &Job,
+    env: EnvironmentRow,
+    metadata: &RestoreRunMetadata,
+) -> anyhow::Result<RestoreRequest> {
     let neutralize = match (env.is_production(), metadata.neutralize) {
         (false, Some(false)) => anyhow::bail!(
             "restores into non-production environment {} are always neutralized; remove \
@@ -112,7 +127,11 @@ pub async fn plan_restore(job: &Job, env: EnvironmentRow, metadata: &RestoreRunM
         }
     };
     let target_db = metadata.target_db.clone().unwrap_or_else(|| {
-        format!("{}_restored_{}", env.db_name, chrono::Utc::now().format("%Y%m%d_%H%M%S"))
+        format!(
+            "{}_restored_{}",
+            env.db_name,
+            chrono::Utc::now().format("%Y%m%d_%H%M%S")
+        )
     });
     let pg = job.pg_runner(&env.env_id).await?;
     let kind = if metadata.overwrite && pg.database_exists(&target_db).await? {
@@ -120,19 +139,39 @@ pub async fn plan_restore(job: &Job, env: EnvironmentRow, metadata: &RestoreRunM
     } else {
         RestoreKind::Restore
     };
-    Ok(RestoreRequest { env, backup, target_db, kind, neutralize })
+    Ok(RestoreRequest {
+        env,
+        backup,
+        target_db,
+        kind,
+        neutralize,
+    })
 }
 
 async fn run_drill(ctx: &RunContext) -> RunResult {
-    let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id).await.step("load environment")?;
+    let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id)
+        .await
+        .step("load environment")?;
     let job = Job::for_run(ctx);
     let backup = backup::records::latest_success(ctx.pool(), &env.env_id)
         .await
         .step("find backup")?
-        .ok_or_else(|| StepError::new("find backup", anyhow::anyhow!("environment {} has no successful backup", env.env_id)))?;
-    let target_db = format!("{}_drill_{}", &env.db_name[..env.db_name.len().min(40)], &Uuid::new_v4().simple().to_string()[..8]);
+        .ok_or_else(|| {
+            StepError::new(
+                "find backup",
+                anyhow::anyhow!("environment {} has no successful backup", env.env_id),
+            )
+        })?;
+    let target_db = format!(
+        "{}_drill_{}",
+        &env.db_name[..env.db_name.len().min(40)],
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
     job.reporter
-        .info(format!("Restore drill of backup {} into scratch database {target_db}", backup.backup_id))
+        .info(format!(
+            "Restore drill of backup {} into scratch database {target_db}",
+            backup.backup_id
+        ))
         .await;
     let request = RestoreRequest {
         env,
@@ -143,7 +182,10 @@ async fn run_drill(ctx: &RunContext) -> RunResult {
     };
     let report = restore(&job, request).await.step("restore drill")?;
     job.reporter
-        .info(format!("Restore drill passed in {:.1} s: {}", report.elapsed_s, report.checks))
+        .info(format!(
+            "Restore drill passed in {:.1} s: {}",
+            report.elapsed_s, report.checks
+        ))
         .await;
     Ok(json!({ "drill": report }))
 }
@@ -153,7 +195,11 @@ async fn run_drill(ctx: &RunContext) -> RunResult {
 /// update already ran). The backup is loaded and verified under a staging name first,
 /// so `target_db` is untouched if anything fails before the swap. Non-production
 /// targets are neutralized.
-pub async fn restore_backup_over(ctx: &RunContext, backup_id: Uuid, target_db: &str) -> anyhow::Result<RestoreReport> {
+pub async fn restore_backup_over(
+    ctx: &RunContext,
+    backup_id: Uuid,
+    target_db: &str,
+) -> anyhow::Result<RestoreReport> {
     let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id).await?;
     let job = Job::for_run(ctx);
     let backup = backup::records::get(&job.pool, backup_id).await?;

@@ -35,12 +35,26 @@ const CHECK_SQL: &str = "SELECT json_build_object(\
                        WHERE key = 'database.is_neutralized'))";
 
 /// Neutralizes `db`, then verifies it by queries; returns what they found.
-pub async fn neutralize(job: &Job, pg: &PgRunner, env_settings: &EnvBackupSettings, db: &str) -> anyhow::Result<Value> {
-    pg.execute(db, NEUTRALIZE_SQL).await.context("neutralizing the database failed")?;
-    job.reporter.info(format!("Neutralized {db}: scheduled actions and mail servers off")).await;
+pub async fn neutralize(
+    job: &Job,
+    pg: &PgRunner,
+    env_settings: &EnvBackupSettings,
+    db: &str,
+) -> anyhow::Result<Value> {
+    pg.execute(db, NEUTRALIZE_SQL)
+        .await
+        .context("neutralizing the database failed")?;
+    job.reporter
+        .info(format!(
+            "Neutralized {db}: scheduled actions and mail servers off"
+        ))
+        .await;
 
     let odoo_command = run_odoo_neutralize(job, env_settings, db).await?;
-    let checks = pg.query_json(db, CHECK_SQL).await.context("verifying neutralization failed")?;
+    let checks = pg
+        .query_json(db, CHECK_SQL)
+        .await
+        .context("verifying neutralization failed")?;
     let crons = checks["active_crons"].as_i64().unwrap_or(-1);
     let mail_servers = checks["active_mail_servers"].as_i64().unwrap_or(-1);
     if crons != 0 || mail_servers != 0 || checks["is_neutralized"] != json!("True") {
@@ -53,15 +67,22 @@ pub async fn neutralize(job: &Job, pg: &PgRunner, env_settings: &EnvBackupSettin
 
 /// Runs `odoo neutralize -d <db>` in the environment's Odoo container when configured.
 /// Returns "ran", "skipped" or "unavailable" (an Odoo without the command).
-async fn run_odoo_neutralize(job: &Job, env_settings: &EnvBackupSettings, db: &str) -> anyhow::Result<&'static str> {
-    let (true, Some(container)) = (env_settings.odoo_neutralize, &env_settings.odoo_container) else {
+async fn run_odoo_neutralize(
+    job: &Job,
+    env_settings: &EnvBackupSettings,
+    db: &str,
+) -> anyhow::Result<&'static str> {
+    let (true, Some(container)) = (env_settings.odoo_neutralize, &env_settings.odoo_container)
+    else {
         return Ok("skipped");
     };
     let docker = crate::docker::connect(&job.settings.docker).await?;
     let args = ["neutralize".to_string(), "-d".to_string(), db.to_string()];
     match exec_in_container(&docker, container, "odoo", &args).await {
         Ok(()) => {
-            job.reporter.info(format!("Ran odoo neutralize on {db} in {container}")).await;
+            job.reporter
+                .info(format!("Ran odoo neutralize on {db} in {container}"))
+                .await;
             Ok("ran")
         }
         Err(ProcessError::Exit { stderr, .. }) if unknown_command(&stderr) => {

@@ -36,12 +36,22 @@ pub async fn start(
     kind: RestoreKind,
     target_db: &str,
 ) -> anyhow::Result<Uuid> {
-    let client = pool.get().await.context("connecting to the control plane failed")?;
+    let client = pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     let row = client
         .query_one(
             "INSERT INTO ops.restores (backup_id, project_id, env_id, run_id, kind, target_db) \
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING restore_id",
-            &[&backup_id, &env.project_id, &env.env_id, &run_id, &kind.as_str(), &target_db],
+            &[
+                &backup_id,
+                &env.project_id,
+                &env.env_id,
+                &run_id,
+                &kind.as_str(),
+                &target_db,
+            ],
         )
         .await
         .context("recording the restore failed")?;
@@ -57,7 +67,10 @@ pub async fn finish(
     error: Option<&str>,
 ) -> anyhow::Result<()> {
     let status = if error.is_none() { "success" } else { "failed" };
-    let client = pool.get().await.context("connecting to the control plane failed")?;
+    let client = pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
     client
         .execute(
             "UPDATE ops.restores SET status = $2, neutralized = $3, checks = $4, error = $5, \

@@ -22,8 +22,16 @@ const MAX_LISTED_MISSING: usize = 20;
 
 /// Counts rows of the manifest's tables (all of them, or the key tables) in `db` and
 /// fails when any count differs. Returns the counts compared.
-pub async fn row_counts(pg: &PgRunner, db: &str, manifest: &Value, all_tables: bool) -> anyhow::Result<Value> {
-    let expected = manifest["odooops"]["tables"].as_object().cloned().unwrap_or_default();
+pub async fn row_counts(
+    pg: &PgRunner,
+    db: &str,
+    manifest: &Value,
+    all_tables: bool,
+) -> anyhow::Result<Value> {
+    let expected = manifest["odooops"]["tables"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let tables: Vec<&String> = expected
         .keys()
         .filter(|name| all_tables || KEY_TABLES.contains(&name.as_str()))
@@ -41,10 +49,16 @@ pub async fn row_counts(pg: &PgRunner, db: &str, manifest: &Value, all_tables: b
          FROM unnest(ARRAY[{}]::text[]) AS t(name)",
         names.join(", ")
     );
-    let found = pg.query_json(db, &sql).await.context("counting restored rows failed")?;
+    let found = pg
+        .query_json(db, &sql)
+        .await
+        .context("counting restored rows failed")?;
     let mismatches = compare_counts(&expected, &found);
     if !mismatches.is_empty() {
-        bail!("restored row counts differ from the backup's manifest: {}", mismatches.join("; "));
+        bail!(
+            "restored row counts differ from the backup's manifest: {}",
+            mismatches.join("; ")
+        );
     }
     Ok(found)
 }
@@ -56,7 +70,11 @@ fn compare_counts(expected: &Map<String, Value>, found: &Value) -> Vec<String> {
             let want = expected.get(table).and_then(Value::as_i64).unwrap_or(-1);
             let have = count.as_i64().unwrap_or(-1);
             if want != have {
-                let have = if have < 0 { "missing".to_string() } else { have.to_string() };
+                let have = if have < 0 {
+                    "missing".to_string()
+                } else {
+                    have.to_string()
+                };
                 mismatches.push(format!("{table}: expected {want}, found {have}"));
             }
         }
@@ -76,7 +94,8 @@ pub async fn attachments(pg: &PgRunner, db: &str, dir: &Path) -> anyhow::Result<
         )
         .await
         .context("listing stored attachments failed")?;
-    let names: Vec<String> = serde_json::from_value(names).context("attachment list is malformed")?;
+    let names: Vec<String> =
+        serde_json::from_value(names).context("attachment list is malformed")?;
     let mut missing = Vec::new();
     for name in &names {
         let present = !name.contains("..") && tokio::fs::metadata(dir.join(name)).await.is_ok();
@@ -106,7 +125,10 @@ mod tests {
         let mismatches = compare_counts(expected.as_object().unwrap(), &found);
         assert_eq!(
             mismatches,
-            vec!["public.b: expected 5, found 4", "public.c: expected 1, found missing"]
+            vec![
+                "public.b: expected 5, found 4",
+                "public.c: expected 1, found missing"
+            ]
         );
     }
 }

@@ -30,17 +30,26 @@ fn now() -> DateTime<Utc> {
 /// One daily backup at 02:00 for each of the last `days` days, newest first.
 fn dailies(days: i64) -> Vec<BackupRecord> {
     let today = Utc.with_ymd_and_hms(2024, 6, 30, 2, 0, 0).unwrap();
-    (0..days).map(|day| backup("daily", today - Duration::days(day))).collect()
+    (0..days)
+        .map(|day| backup("daily", today - Duration::days(day)))
+        .collect()
 }
 
 #[test]
 fn daily_backups_keep_seven_days_four_weeks_three_months() {
     let backups = dailies(120);
     let expired = select_expired(&backups, &Retention::default(), now());
-    let kept: Vec<_> = backups.iter().filter(|b| !expired.contains(&b.backup_id)).collect();
+    let kept: Vec<_> = backups
+        .iter()
+        .filter(|b| !expired.contains(&b.backup_id))
+        .collect();
 
     for recent in &backups[..7] {
-        assert!(!expired.contains(&recent.backup_id), "{}", recent.created_at);
+        assert!(
+            !expired.contains(&recent.backup_id),
+            "{}",
+            recent.created_at
+        );
     }
     // 7 days, plus the newest of 4 ISO weeks and 3 months that the days do not cover.
     assert!(kept.len() <= 7 + 4 + 3, "kept {}", kept.len());
