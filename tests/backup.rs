@@ -9,7 +9,7 @@ use backup_support::*;
 use serde_json::{json, Value};
 
 #[tokio::test]
-async fn local_backup_is_a_zip_odoo_and_python_can_read() {
+async fn local_backup_is_readable_zip() {
     let fixture = Fixture::new().await;
     let backup_id = fixture.queue_backup("env-prod", "manual").await;
     fixture.run_agent(fixture.settings("local")).await;
@@ -70,7 +70,7 @@ async fn local_backup_is_a_zip_odoo_and_python_can_read() {
 }
 
 #[tokio::test]
-async fn manifest_records_versions_modules_rows_and_files() {
+async fn manifest_records_versions_and_counts() {
     let fixture = Fixture::new().await;
     let backup_id = fixture.queue_backup("env-prod", "daily").await;
     fixture.run_agent(fixture.settings("local")).await;
@@ -113,7 +113,7 @@ async fn manifest_records_versions_modules_rows_and_files() {
 }
 
 #[tokio::test]
-async fn s3_backup_goes_up_in_parts_and_leaves_no_upload_behind() {
+async fn s3_backup_leaves_no_upload() {
     let mut fixture = Fixture::with_s3().await;
     fixture.odoo.add_random_file(12 * 1024 * 1024).await;
     let backup_id = fixture.queue_backup("env-prod", "manual").await;
@@ -160,7 +160,7 @@ async fn s3_backup_goes_up_in_parts_and_leaves_no_upload_behind() {
 }
 
 #[tokio::test]
-async fn events_and_errors_never_contain_the_s3_secret() {
+async fn events_never_contain_s3_secret() {
     let fixture = Fixture::with_s3().await;
     let good = fixture.queue_backup("env-prod", "manual").await;
     fixture.run_agent(fixture.settings("s3")).await;
@@ -184,7 +184,7 @@ async fn events_and_errors_never_contain_the_s3_secret() {
 }
 
 #[tokio::test]
-async fn unreachable_s3_fails_the_backup_and_keeps_older_ones() {
+async fn unreachable_s3_keeps_older_backups() {
     let fixture = Fixture::with_s3().await;
     let older = fixture.queue_backup("env-prod", "daily").await;
     fixture.run_agent(fixture.settings("s3")).await;
@@ -227,7 +227,7 @@ async fn unreachable_s3_fails_the_backup_and_keeps_older_ones() {
 }
 
 #[tokio::test]
-async fn failing_pg_dump_fails_the_backup_with_its_message() {
+async fn failing_pg_dump_fails_backup() {
     let fixture = Fixture::new().await;
     fixture
         .ops
@@ -252,7 +252,7 @@ async fn failing_pg_dump_fails_the_backup_with_its_message() {
 }
 
 #[tokio::test]
-async fn pg_dump_killed_mid_upload_aborts_the_multipart_upload() {
+async fn killed_pg_dump_aborts_upload() {
     let fixture = Fixture::with_s3().await;
     fixture
         .odoo
@@ -333,7 +333,7 @@ async fn pg_dump_killed_mid_upload_aborts_the_multipart_upload() {
 }
 
 #[tokio::test]
-async fn cancelled_backup_removes_its_partial_file() {
+async fn cancelled_backup_removes_partial_file() {
     let fixture = Fixture::new().await;
     fixture
         .odoo
@@ -388,7 +388,7 @@ async fn cancelled_backup_removes_its_partial_file() {
 }
 
 #[tokio::test]
-async fn retention_deletes_expired_backups_objects_and_rows() {
+async fn retention_deletes_objects_and_rows() {
     let fixture = Fixture::new().await;
     let settings = fixture.settings("local");
     let client = fixture.ops.client().await;
@@ -442,7 +442,7 @@ async fn retention_deletes_expired_backups_objects_and_rows() {
 }
 
 #[tokio::test]
-async fn scheduler_queues_a_due_slot_once_across_ticks() {
+async fn scheduler_queues_due_slot_once() {
     let fixture = Fixture::new().await;
     let extra = "[backup.environments.env-staging]\nschedules = [{ cron = \"* * * * *\", backup_type = \"daily\" }]\n\
                  [backup.environments.env-prod]\nschedules = []\n";
@@ -484,7 +484,7 @@ async fn scheduler_queues_a_due_slot_once_across_ticks() {
     assert_eq!(queued, 1);
 }
 
-/// Every file below `dir`, recursively.
+/// Lists every file below `dir`, recursively.
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut files = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -36,7 +36,7 @@ async fn restore_row(fixture: &Fixture, target_db: &str) -> tokio_postgres::Row 
 }
 
 #[tokio::test]
-async fn restore_into_new_database_brings_back_rows_and_files_neutralized() {
+async fn restore_into_new_database_succeeds() {
     let fixture = Fixture::new().await;
     let backup_id = backed_up(&fixture, "local").await;
     let target = format!("{}_copy", fixture.odoo.name);
@@ -121,7 +121,7 @@ async fn restore_into_new_database_brings_back_rows_and_files_neutralized() {
 }
 
 #[tokio::test]
-async fn restore_from_s3_verifies_and_removes_its_download() {
+async fn s3_restore_removes_its_download() {
     let fixture = Fixture::with_s3().await;
     let backup_id = backed_up(&fixture, "s3").await;
     let target = format!("{}_s3", fixture.odoo.name);
@@ -144,7 +144,7 @@ async fn restore_from_s3_verifies_and_removes_its_download() {
 }
 
 #[tokio::test]
-async fn restore_over_an_existing_database_is_refused() {
+async fn existing_database_is_rejected() {
     let fixture = Fixture::new().await;
     let backup_id = backed_up(&fixture, "local").await;
     let run_id = fixture
@@ -174,7 +174,7 @@ async fn restore_over_an_existing_database_is_refused() {
 }
 
 #[tokio::test]
-async fn overwrite_replaces_the_database_and_filestore() {
+async fn overwrite_replaces_database_and_filestore() {
     let fixture = Fixture::new().await;
     let backup_id = backed_up(&fixture, "local").await;
     let target = format!("{}_stage", fixture.odoo.name);
@@ -257,7 +257,7 @@ async fn non_production_restore_cannot_skip_neutralization() {
 }
 
 #[tokio::test]
-async fn corrupted_archive_fails_the_checksum_before_any_database_is_made() {
+async fn corrupted_archive_fails_checksum() {
     let fixture = Fixture::new().await;
     let backup_id = backed_up(&fixture, "local").await;
     let location: String = fixture.backup_row(backup_id).await.get("db_dump_path");
@@ -295,7 +295,7 @@ async fn corrupted_archive_fails_the_checksum_before_any_database_is_made() {
 }
 
 #[tokio::test]
-async fn drill_restores_checks_and_drops_the_scratch_database() {
+async fn drill_drops_scratch_database() {
     let fixture = Fixture::new().await;
     backed_up(&fixture, "local").await;
     let run_id = fixture
@@ -329,7 +329,7 @@ async fn drill_restores_checks_and_drops_the_scratch_database() {
 }
 
 #[tokio::test]
-async fn drill_fails_when_an_attachment_file_is_missing() {
+async fn drill_fails_on_missing_attachment() {
     let fixture = Fixture::new().await;
     let (missing, _) = fixture.odoo.files[3].clone();
     std::fs::remove_file(fixture.odoo.filestore().join(&missing)).unwrap();
@@ -350,7 +350,7 @@ async fn drill_fails_when_an_attachment_file_is_missing() {
 }
 
 #[tokio::test]
-async fn restore_command_restores_from_the_command_line() {
+async fn restore_command_creates_database() {
     let fixture = Fixture::new().await;
     backed_up(&fixture, "local").await;
     let target = format!("{}_cli", fixture.odoo.name);
@@ -364,6 +364,7 @@ async fn restore_command_restores_from_the_command_line() {
         data = fixture.odoo.data_dir().display().to_string(),
     );
     std::fs::write(&config, toml).unwrap();
+
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_odooops-agent"))
         .args(["restore", "--config"])
         .arg(&config)
@@ -380,6 +381,7 @@ async fn restore_command_restores_from_the_command_line() {
         .output()
         .await
         .unwrap();
+
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

@@ -3,7 +3,7 @@
 //! The client is configured from the agent's TOML alone, without aws-config: static
 //! credentials, endpoint, region, path-style addressing and the checksum behaviour.
 //! Streamed objects go up as multipart uploads with a bounded number of parts in
-//! flight; an object that fits in one part is sent with a single PutObject. A failed or
+//! flight, and an object that fits in one part is sent with a single PutObject. A failed or
 //! cancelled upload is aborted, so the bucket keeps no orphaned parts.
 
 use std::time::Duration;
@@ -81,7 +81,7 @@ pub fn client_config(settings: &S3Settings) -> aws_sdk_s3::Config {
     builder.build()
 }
 
-/// An SDK error with its cause chain, which names the service's error code.
+/// Formats an SDK error with its cause chain, which names the service's error code.
 fn describe<E, R>(err: &SdkError<E, R>) -> String
 where
     E: std::error::Error + 'static,

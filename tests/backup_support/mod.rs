@@ -262,7 +262,7 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// A control plane whose env-prod and env-staging point at a new Odoo database.
+    /// Creates a control plane whose env-prod and env-staging use a new Odoo database.
     pub async fn new() -> Fixture {
         let ops = TestDb::new().await;
         ops.seed_project().await;
@@ -409,7 +409,7 @@ impl Fixture {
             .unwrap()
     }
 
-    /// The run's status, metadata and every event message.
+    /// Returns the run's status, metadata and every event message.
     pub async fn run_outcome(&self, run_id: Uuid) -> (String, Value, Vec<String>) {
         let client = self.ops.client().await;
         let run = client

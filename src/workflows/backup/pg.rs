@@ -1,5 +1,5 @@
-//! What backups and restores ask of the environment's PostgreSQL server, through pg_dump
-//! and psql so that it works the same from the host and inside a database container.
+//! Operations of backups and restores on the environment's PostgreSQL server. They run
+//! pg_dump and psql, so they work the same from the host and inside a database container.
 
 use serde_json::Value;
 use tokio::io::AsyncReadExt;

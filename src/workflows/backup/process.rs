@@ -18,7 +18,7 @@ use tokio_util::io::StreamReader;
 
 use crate::config::backup::{PgConnection, PgTools};
 
-/// Longest stderr tail kept for error messages.
+/// Maximum stderr tail kept for error messages, in bytes.
 const MAX_STDERR: usize = 4096;
 
 /// A client program that failed to start or exited unsuccessfully.
@@ -69,7 +69,7 @@ impl PgRunner {
         PgRunner { connection, docker }
     }
 
-    /// Where the tools run, for messages.
+    /// Describes where the tools run, for messages.
     pub fn describe(&self) -> String {
         match &self.connection.tools {
             PgTools::Host { .. } => "the host".to_string(),
@@ -186,7 +186,7 @@ impl PgRunner {
     }
 }
 
-/// Starts `program` in a running container through the exec API. `env` holds
+/// Starts `program` in a running container through the exec API. `env` contains
 /// `NAME=value` strings for the program's environment.
 pub async fn spawn_exec(
     docker: Docker,
@@ -202,6 +202,7 @@ pub async fn spawn_exec(
     };
     let mut cmd = vec![program.to_string()];
     cmd.extend(args.iter().cloned());
+
     let options = CreateExecOptions {
         cmd: Some(cmd),
         env: Some(env),
@@ -230,6 +231,7 @@ pub async fn spawn_exec(
             message: "docker exec started detached".to_string(),
         });
     };
+
     let stderr = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let pump = tokio::spawn(pump_exec_output(output, tx, stderr.clone()));
@@ -313,7 +315,7 @@ fn keep_tail(buffer: &Mutex<String>, bytes: &[u8]) {
 }
 
 impl Process {
-    /// The last lines the program wrote to stderr.
+    /// Returns the last lines the program wrote to stderr.
     pub fn stderr(&self) -> String {
         self.stderr
             .lock()

@@ -117,7 +117,7 @@ pub async fn get(pool: &Pool, backup_id: Uuid) -> anyhow::Result<BackupRecord> {
     Ok(BackupRecord::from_row(&row))
 }
 
-/// The newest successful backup of an environment.
+/// Loads the newest successful backup of an environment.
 pub async fn latest_success(pool: &Pool, env_id: &str) -> anyhow::Result<Option<BackupRecord>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM ops.backups WHERE env_id = $1 AND status = 'success' \
@@ -131,7 +131,7 @@ pub async fn latest_success(pool: &Pool, env_id: &str) -> anyhow::Result<Option<
     Ok(row.as_ref().map(BackupRecord::from_row))
 }
 
-/// All backups of an environment, newest first.
+/// Loads all backups of an environment, newest first.
 pub async fn list(pool: &Pool, env_id: &str) -> anyhow::Result<Vec<BackupRecord>> {
     let sql =
         format!("SELECT {COLUMNS} FROM ops.backups WHERE env_id = $1 ORDER BY created_at DESC");
@@ -192,7 +192,7 @@ pub async fn start(pool: &Pool, backup_id: Uuid, run_id: Option<Uuid>) -> anyhow
     Ok(())
 }
 
-/// What a successful backup stored.
+/// Outcome of a successful backup, for its row.
 pub struct Stored<'a> {
     pub location: &'a str,
     pub size_bytes: u64,

@@ -1,9 +1,9 @@
 //! The retention policy: which backups of an environment to delete, objects and rows.
 //!
 //! Scheduled backups (daily, weekly, monthly) are kept grandfather-father-son style,
-//! whatever their type label: the newest backup of each of the last `daily` days that
-//! have one, of each of the last `weekly` ISO weeks, and of each of the last `monthly`
-//! months (UTC). Manual and pre-deploy backups are kept until their expires_at. Pinned
+//! whatever their type label. The policy keeps the newest backup of each of the last
+//! `daily` days that have one, of each of the last `weekly` ISO weeks, and of each of
+//! the last `monthly` months (UTC). Manual and pre-deploy backups are kept until their expires_at. Pinned
 //! backups (`keep`) and the newest successful backup are never deleted. Failed backups
 //! have no object; their rows go after `failed` days.
 //!
@@ -24,7 +24,7 @@ use crate::storage::Stores;
 /// Advisory lock class of retention passes; the second key is the environment's hash.
 const RETENTION_LOCK: &str = "odooops.backup.retention";
 
-/// What a pass decided and did.
+/// Result of one retention pass.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RetentionOutcome {
     pub deleted: Vec<Uuid>,

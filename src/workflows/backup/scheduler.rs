@@ -28,7 +28,7 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(300);
 const RETRY_DELAY: Duration = Duration::from_secs(30);
 const SCHEDULE_LOCK: &str = "odooops.backup.schedule";
 
-/// What a due slot queues.
+/// Kind of run a due slot queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Task {
     Backup { backup_type: String },
@@ -86,7 +86,7 @@ pub async fn tick(
     Ok(wait)
 }
 
-/// The latest slot in (now - CATCH_UP, now].
+/// Returns the latest slot in (now - CATCH_UP, now].
 pub fn due_slot(cron: &CronSchedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let since = now - chrono::Duration::from_std(CATCH_UP).expect("an hour fits");
     cron.schedule
@@ -95,7 +95,7 @@ pub fn due_slot(cron: &CronSchedule, now: DateTime<Utc>) -> Option<DateTime<Utc>
         .last()
 }
 
-/// The schedules of the environments this agent serves and the workflows it runs.
+/// Loads the schedules of the environments and workflows this agent serves.
 pub async fn load_entries(settings: &Settings, pool: &Pool) -> anyhow::Result<Vec<Entry>> {
     let client = pool
         .get()

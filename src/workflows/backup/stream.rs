@@ -61,7 +61,7 @@ pub struct Progress {
     pub stop: AtomicBool,
 }
 
-/// What the archive thread produced.
+/// Result of the archive thread.
 #[derive(Debug, Clone)]
 pub struct ArchiveSummary {
     pub size_bytes: u64,
@@ -162,17 +162,17 @@ impl Write for PartSink {
             return Err(io::Error::other("the backup was stopped"));
         }
         let room = self.store.part_size(self.part_number) - self.buffer.len();
-        let taken = room.min(buf.len());
-        self.buffer.extend_from_slice(&buf[..taken]);
-        self.sha256.update(&buf[..taken]);
-        self.written += taken as u64;
+        let accepted = room.min(buf.len());
+        self.buffer.extend_from_slice(&buf[..accepted]);
+        self.sha256.update(&buf[..accepted]);
+        self.written += accepted as u64;
         self.progress
             .archive_bytes
             .store(self.written, Ordering::Relaxed);
         if self.buffer.len() == self.store.part_size(self.part_number) {
             self.send_part()?;
         }
-        Ok(taken)
+        Ok(accepted)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -180,7 +180,7 @@ impl Write for PartSink {
     }
 }
 
-/// What goes into the archive besides the dump.
+/// Inputs of the archive besides the dump.
 pub struct ArchiveInput {
     /// `<data_dir>/filestore/<db>`; `None` when the database has no filestore.
     pub filestore: Option<PathBuf>,

@@ -11,7 +11,7 @@ use super::{plan_restore, restore, RestoreReport, RestoreRunMetadata};
 use crate::config::Settings;
 use crate::workflows::backup::{EnvironmentRow, Job, Reporter};
 
-/// What the command line asks for.
+/// Options of the restore command.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub env: String,

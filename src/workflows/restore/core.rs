@@ -21,7 +21,7 @@ use crate::workflows::backup::pg::validate_db_name;
 use crate::workflows::backup::process::PgRunner;
 use crate::workflows::backup::{BackupRecord, EnvironmentRow, Job};
 
-/// What to restore, where.
+/// A restore to run: which backup, into which database of which environment.
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
     /// The environment whose database server and data directory receive the restore.
@@ -94,8 +94,8 @@ pub async fn restore(job: &Job, request: RestoreRequest) -> anyhow::Result<Resto
     }
 }
 
-/// Where restored filestores go: Odoo's data directory, or the work directory for drills
-/// so that a drill never writes next to the environment's own filestore.
+/// Returns the directory for restored filestores: Odoo's data directory, or the work
+/// directory for drills so that a drill never writes next to the environment's own.
 fn filestore_root(job: &Job, request: &RestoreRequest) -> PathBuf {
     match request.kind {
         RestoreKind::Drill => job.settings.agent.work_dir.join("drills"),
@@ -108,7 +108,7 @@ fn filestore_root(job: &Job, request: &RestoreRequest) -> PathBuf {
     }
 }
 
-/// A name for the database that is loaded before it replaces or becomes the target.
+/// Builds the name of a database that stands in for the target during a replacement.
 fn staging_name(target: &str, restore_id: Uuid, suffix: &str) -> String {
     let id = restore_id.simple().to_string();
     let keep = target.len().min(63 - suffix.len() - 9);
@@ -124,7 +124,7 @@ async fn execute(
     let root = filestore_root(job, request);
     let target = &request.target_db;
     if request.kind != RestoreKind::Replace {
-        refuse_existing(&pg, &root, target).await?;
+        reject_existing(&pg, &root, target).await?;
     }
     let load_db = match request.kind {
         RestoreKind::Replace => staging_name(target, restore_id, "restoring"),
@@ -169,7 +169,7 @@ async fn execute(
     Ok((checks, files))
 }
 
-async fn refuse_existing(pg: &PgRunner, root: &Path, target: &str) -> anyhow::Result<()> {
+async fn reject_existing(pg: &PgRunner, root: &Path, target: &str) -> anyhow::Result<()> {
     if pg.database_exists(target).await? {
         bail!(
             "database {target} already exists on {}; choose another target_db, or set \

@@ -1,8 +1,8 @@
 //! Fetching a backup archive and verifying its SHA-256 before anything is restored.
 //!
 //! A backup in the local store is read where it is. A backup in a bucket is downloaded
-//! to the agent's work directory (hashing on the way), because restoring needs random
-//! access to the zip; the copy is removed when the restore ends.
+//! to the agent's work directory, because restoring needs random access to the zip.
+//! The copy is removed when the restore ends.
 
 use std::path::{Path, PathBuf};
 
@@ -73,6 +73,7 @@ async fn download(
         path: dir.join(format!("{}.zip", backup.backup_id.simple())),
         downloaded: true,
     };
+
     job.reporter
         .info(format!(
             "Downloading {location} ({}) to {}",
@@ -84,6 +85,7 @@ async fn download(
     let mut file = tokio::fs::File::create(&archive.path)
         .await
         .with_context(|| format!("creating {} failed", archive.path.display()))?;
+
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let read = tokio::select! {

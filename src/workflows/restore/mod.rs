@@ -3,8 +3,8 @@
 //!
 //! Every restore fetches the backup, checks its SHA-256 against ops.backups.digest, and
 //! loads it into a database that did not exist before. A restore into an existing
-//! database is refused unless the caller asks to replace it; then the backup is loaded
-//! under a staging name and swapped in only once it is loaded and verified. Restores
+//! database is rejected unless the caller requests a replacement. A replacement loads
+//! the backup under a staging name and swaps it in only once it is loaded and verified. Restores
 //! into non-production environments are neutralized before the database gets its final
 //! name, so no Odoo process ever sees it un-neutralized.
 

@@ -1,10 +1,10 @@
 //! Neutralizing a restored database so that a copy of production cannot act as
 //! production: no scheduled actions, no outgoing or incoming mail, a new database UUID.
 //!
-//! The SQL runs on the new database before anything can start Odoo on it. It covers
-//! what every Odoo version has; when the environment names its Odoo container, the
-//! image's own `odoo neutralize` (Odoo 16 and later) then runs too, which also covers
-//! what installed modules register (payment providers, IAP, and so on).
+//! The SQL runs on the new database before anything can start Odoo on it, and covers
+//! the tables every Odoo version has. When the environment names its Odoo container,
+//! the image's own `odoo neutralize` (Odoo 16 and later) runs too. It also covers what
+//! installed modules register, such as payment providers and IAP accounts.
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -27,7 +27,7 @@ INSERT INTO ir_config_parameter (key, value)
     WHERE NOT EXISTS (SELECT 1 FROM ir_config_parameter WHERE key = 'database.is_neutralized');
 UPDATE ir_config_parameter SET value = gen_random_uuid()::text WHERE key = 'database.uuid'";
 
-/// What the verification queries count after neutralizing.
+/// Verification query: active scheduled actions and mail servers, and the flag.
 const CHECK_SQL: &str = "SELECT json_build_object(\
     'active_crons', (SELECT count(*) FROM ir_cron WHERE active), \
     'active_mail_servers', (SELECT count(*) FROM ir_mail_server WHERE active), \
@@ -95,7 +95,7 @@ async fn run_odoo_neutralize(
     }
 }
 
-/// Whether Odoo's CLI rejected the command as unknown (its message on Odoo 15 and older).
+/// Tells whether Odoo's CLI rejected the command as unknown (Odoo 15 and older).
 fn unknown_command(stderr: &str) -> bool {
     stderr.contains("Unknown command") || stderr.contains("invalid choice")
 }

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::workflows::backup::EnvironmentRow;
 
-/// How a restore treats its target database.
+/// Kind of restore, by its treatment of the target database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreKind {
     /// Into a database that must not exist yet.

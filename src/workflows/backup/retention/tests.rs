@@ -27,7 +27,7 @@ fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2024, 6, 30, 12, 0, 0).unwrap()
 }
 
-/// One daily backup at 02:00 for each of the last `days` days, newest first.
+/// Makes one daily backup at 02:00 for each of the last `days` days, newest first.
 fn dailies(days: i64) -> Vec<BackupRecord> {
     let today = Utc.with_ymd_and_hms(2024, 6, 30, 2, 0, 0).unwrap();
     (0..days)
@@ -36,7 +36,7 @@ fn dailies(days: i64) -> Vec<BackupRecord> {
 }
 
 #[test]
-fn daily_backups_keep_seven_days_four_weeks_three_months() {
+fn dailies_keep_days_weeks_months() {
     let backups = dailies(120);
     let expired = select_expired(&backups, &Retention::default(), now());
     let kept: Vec<_> = backups
