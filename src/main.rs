@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use odooops_agent::agent::{self, Mode, Shutdown};
 use odooops_agent::config::{ConfigError, RawConfig, Settings};
 use odooops_agent::queue::db_error_text;
+use odooops_agent::workflows::restore::command::{self as restore_command, RestoreOptions};
 use odooops_agent::workflows::Workflows;
 use odooops_agent::{db, docker, logging, migrate};
 
@@ -43,6 +44,29 @@ enum Command {
         /// Process claimable runs until none is left, then exit.
         #[arg(long)]
         once: bool,
+    },
+    /// Restore a backup into a new database, verified (and neutralized outside prod).
+    Restore {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Environment whose database server and data directory receive the restore.
+        #[arg(long)]
+        env: String,
+        /// Backup to restore; by default the newest successful backup of --from-env.
+        #[arg(long)]
+        backup_id: Option<uuid::Uuid>,
+        /// Environment whose newest backup is restored; by default --env.
+        #[arg(long)]
+        from_env: Option<String>,
+        /// Database to create; by default <db_name>_restored_<UTC time>.
+        #[arg(long)]
+        target_db: Option<String>,
+        /// Replace --target-db if it exists (its database and filestore are dropped).
+        #[arg(long)]
+        overwrite: bool,
+        /// Neutralize a restore into production too; other environments always are.
+        #[arg(long)]
+        neutralize: bool,
     },
     /// Validate the config and check that the database and Docker engine answer.
     Check {
@@ -105,6 +129,36 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 .await
                 .map(|_| ())
                 .map_err(Failure::Other)
+        }
+        Command::Restore {
+            config,
+            env,
+            backup_id,
+            from_env,
+            target_db,
+            overwrite,
+            neutralize,
+        } => {
+            let settings = Settings::load(&config)?;
+            logging::init(&settings.log);
+            let options = RestoreOptions {
+                env,
+                backup_id,
+                from_env,
+                target_db,
+                overwrite,
+                neutralize,
+            };
+            let shutdown = Shutdown::default();
+            shutdown.on_signals().map_err(|err| {
+                Failure::Other(anyhow::anyhow!("installing signal handlers failed: {err}"))
+            })?;
+            let report = restore_command::run(Arc::new(settings), options, shutdown.drain)
+                .await
+                .map_err(Failure::Other)?;
+            let text = serde_json::to_string_pretty(&report).expect("a report serializes");
+            println!("{text}");
+            Ok(())
         }
         Command::Check { config } => {
             let settings = Settings::load(&config)?;

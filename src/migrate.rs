@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "approvals_and_branch_rules",
         sql: include_str!("../migrations/0003_approvals_and_branch_rules.sql"),
     },
+    Migration {
+        version: 4,
+        name: "backups",
+        sql: include_str!("../migrations/0004_backups.sql"),
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]

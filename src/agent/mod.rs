@@ -75,6 +75,14 @@ pub async fn run(
         background.clone(),
     ));
     tokio::spawn(systemd::watchdog(background.clone()));
+    // Only a daemon schedules: a `--once` run must not queue work it would then claim.
+    if mode == Mode::Daemon {
+        tokio::spawn(crate::workflows::backup::scheduler::run(
+            settings.clone(),
+            queue.pool().clone(),
+            background.clone(),
+        ));
+    }
 
     let shared = Arc::new(Shared {
         settings: settings.clone(),

@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub registry: super::registry::RawRegistry,
     #[serde(default)]
     pub deploy: super::deploy::RawDeploy,
+    pub backup: super::backup::RawBackup,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +87,7 @@ impl RawConfig {
             build: self.build.validate()?,
             registry: self.registry.validate()?,
             deploy: self.deploy.validate()?,
+            backup: self.backup.validate()?,
         })
     }
 }

@@ -30,7 +30,6 @@ use serde_json::{json, Value};
 use crate::events::Level;
 use crate::queue::Artifact;
 use crate::source::{GitSha, Workspace};
-use crate::storage::ArtifactStore;
 use crate::workflows::{RunContext, RunResult, StepError, StepResultExt, Workflow};
 
 use self::log::BuildLog;
@@ -60,7 +59,6 @@ async fn run(ctx: &RunContext) -> RunResult {
     let docker = crate::docker::connect(&ctx.settings.docker)
         .await
         .step("docker")?;
-    let store = crate::storage::open(&ctx.settings.storage).step("logs")?;
     let workspace = Workspace::create(&ctx.settings.agent.work_dir, &ctx.run.run_id.to_string())
         .await
         .step("fetch")?;
@@ -76,7 +74,7 @@ async fn run(ctx: &RunContext) -> RunResult {
     if let Err(failure) = &result {
         log.write_only(&failure.to_string()).await;
     }
-    let stored = store_log(ctx, store.as_ref(), log).await;
+    let stored = store_log(ctx, log).await;
     if let Err(err) = workspace.remove().await {
         ctx.events
             .warn(format!("Removing the workspace failed: {err}"))
@@ -113,17 +111,15 @@ async fn plan(ctx: &RunContext) -> Result<Plan, StepError> {
 
 /// Stores the gzipped log and records it as the run's 'logs' artifact. Returns the
 /// storage location.
-async fn store_log(
-    ctx: &RunContext,
-    store: &dyn ArtifactStore,
-    log: BuildLog,
-) -> anyhow::Result<String> {
+async fn store_log(ctx: &RunContext, log: BuildLog) -> anyhow::Result<String> {
     let started = Instant::now();
     let lines = log.lines();
     let path = log.finish().await.context("writing the build log failed")?;
     let key = format!("{}/build.log.gz", ctx.run.run_id);
-    let stored = store
-        .put_file(&key, &path)
+    let data = tokio::fs::read(&path)
+        .await
+        .context("reading the build log failed")?;
+    let stored = crate::storage::put_artifact(&ctx.settings.storage, &key, data.into())
         .await
         .context("storing the build log failed")?;
     let artifact = Artifact {

@@ -1,8 +1,6 @@
 //! The deploy's evidence artifact: a JSON document of what was deployed, how the health
 //! gate went and whether the environment was rolled back.
 
-use std::io::Cursor;
-
 use anyhow::Context;
 use serde_json::Value;
 
@@ -14,11 +12,8 @@ use crate::workflows::RunContext;
 /// records it as the run's 'evidence' artifact and returns its location.
 pub async fn record(ctx: &RunContext, evidence: &Value) -> anyhow::Result<String> {
     let body = serde_json::to_vec_pretty(evidence).context("encoding the evidence failed")?;
-    let store =
-        storage::open(&ctx.settings.storage).context("opening the artifact store failed")?;
     let key = format!("{}/deploy-evidence.json", ctx.run.run_id);
-    let stored = store
-        .put_stream(&key, Box::pin(Cursor::new(body)))
+    let stored = storage::put_artifact(&ctx.settings.storage, &key, body.into())
         .await
         .with_context(|| format!("storing {key} failed"))?;
 
