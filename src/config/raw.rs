@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub registry: super::registry::RawRegistry,
     #[serde(default)]
     pub deploy: super::deploy::RawDeploy,
+    #[serde(default)]
     pub backup: super::backup::RawBackup,
 }
 

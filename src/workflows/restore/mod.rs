@@ -36,9 +36,9 @@ pub struct RestoreWorkflow;
 #[derive(Debug, Default)]
 pub struct DrillWorkflow;
 
-/// Metadata of a restore run.
+/// Metadata of a restore run. Keys other than these (workflow_run_id, notes from the
+/// console) are ignored.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RestoreRunMetadata {
     pub workflow: Option<String>,
     /// The backup to restore; by default the newest successful backup of `source_env`.
