@@ -30,14 +30,14 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0001_control_plane.sql"),
     },
     Migration {
-        version: 3,
+        version: 2,
         name: "approvals_and_branch_rules",
-        sql: include_str!("../migrations/0003_approvals_and_branch_rules.sql"),
+        sql: include_str!("../migrations/0002_approvals_and_branch_rules.sql"),
     },
     Migration {
-        version: 4,
+        version: 3,
         name: "backups",
-        sql: include_str!("../migrations/0004_backups.sql"),
+        sql: include_str!("../migrations/0003_backups.sql"),
     },
 ];
 
