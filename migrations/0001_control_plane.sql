@@ -156,7 +156,15 @@ CREATE INDEX approvals_run ON ops.approvals (run_id);
 CREATE FUNCTION ops.runs_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF jsonb_typeof(NEW.metadata) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'run metadata must be a JSON object, not %', NEW.metadata
+            USING ERRCODE = '22023';
+    END IF;
     IF NEW.metadata ? 'workflow' THEN
+        IF jsonb_typeof(NEW.metadata->'workflow') <> 'string' THEN
+            RAISE EXCEPTION 'metadata.workflow must be a string naming the workflow, not %',
+                NEW.metadata->'workflow' USING ERRCODE = '22023';
+        END IF;
         NEW.workflow := NEW.metadata->>'workflow';
     END IF;
     SELECT w.max_attempts INTO NEW.max_attempts FROM ops.workflows w
@@ -226,6 +234,17 @@ LANGUAGE sql AS $$
     RETURNING *;
 $$;
 
+-- A lease of NULL or zero seconds would never expire or expire at once.
+CREATE FUNCTION ops.check_lease_seconds(p_lease_seconds integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds < 1 THEN
+        RAISE EXCEPTION 'p_lease_seconds must be a positive number of seconds, not %',
+            coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+END;
+$$;
+
 -- Claims the oldest claimable run, or returns no row.
 --
 -- The row lock taken by FOR UPDATE SKIP LOCKED lives only for this statement's
@@ -237,13 +256,21 @@ $$;
 -- p_env_ids and p_workflows narrow the claim to what the caller serves (NULL means any).
 -- Runs of unknown workflows are always claimable within the environments, so that they
 -- are failed with an event instead of waiting forever.
+--
+-- Agents pass p_lease_seconds and renew the lease with ops.heartbeat_run. The default of
+-- an hour is for callers that claim with p_worker_id alone and never renew, such as a CI
+-- job that builds for many minutes and then calls finish_run: a shorter lease would have
+-- the run reaped and executed a second time while the job is still working on it.
 CREATE FUNCTION ops.claim_next_run(
     p_worker_id text,
     p_env_ids text[] DEFAULT NULL,
     p_workflows text[] DEFAULT NULL,
-    p_lease_seconds integer DEFAULT 60
+    p_lease_seconds integer DEFAULT 3600
 ) RETURNS SETOF ops.runs
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM ops.check_lease_seconds(p_lease_seconds);
+    RETURN QUERY
     WITH next AS (
         SELECT r.run_id
           FROM ops.runs r
@@ -268,6 +295,7 @@ LANGUAGE sql AS $$
       FROM next
      WHERE r.run_id = next.run_id
     RETURNING r.*;
+END;
 $$;
 
 -- Appends one event with the next seq of the run. The row lock on the run orders
@@ -285,6 +313,10 @@ DECLARE
 BEGIN
     IF v_level = 'warning' THEN
         v_level := 'warn';
+    END IF;
+    IF v_level IS NULL OR v_level NOT IN ('debug', 'info', 'warn', 'error') THEN
+        RAISE EXCEPTION 'invalid event level %: expected debug, info, warn or error',
+            coalesce(p_level, 'NULL') USING ERRCODE = '22023';
     END IF;
     UPDATE ops.runs SET event_seq = event_seq + 1 WHERE run_id = p_run_id
     RETURNING event_seq INTO v_seq;
@@ -350,6 +382,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_cancel boolean;
 BEGIN
+    PERFORM ops.check_lease_seconds(p_lease_seconds);
     UPDATE ops.runs
        SET lease_expires_at = now() + make_interval(secs => p_lease_seconds),
            heartbeat_at = now()
@@ -376,9 +409,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_run ops.runs;
 BEGIN
-    IF p_status NOT IN ('success', 'failed', 'cancelled') THEN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'failed', 'cancelled') THEN
         RAISE EXCEPTION 'invalid final status %: expected success, failed or cancelled',
-            p_status USING ERRCODE = '22023';
+            coalesce(p_status, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF p_metadata IS NOT NULL AND jsonb_typeof(p_metadata) <> 'object' THEN
+        RAISE EXCEPTION 'p_metadata must be a JSON object, not %', p_metadata
+            USING ERRCODE = '22023';
     END IF;
 
     SELECT * INTO v_run FROM ops.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
@@ -452,9 +489,9 @@ END;
 $$;
 
 -- Takes back runs whose lease expired: their agent died, lost its network or hung.
--- Each is requeued after its workflow's retry delay while attempts remain, and failed
--- otherwise; either way an event says which and why. SKIP LOCKED lets every agent call
--- this on a timer without waiting on each other.
+-- Each is requeued after its workflow's retry delay while attempts remain, failed on its
+-- last attempt, and cancelled if cancellation was requested; an event says which and why.
+-- SKIP LOCKED lets every agent call this on a timer without waiting on each other.
 CREATE FUNCTION ops.reap_expired_runs(p_limit integer DEFAULT 100)
 RETURNS TABLE (run_id uuid, worker_id text, action text)
 LANGUAGE plpgsql AS $$
@@ -464,7 +501,7 @@ DECLARE
 BEGIN
     FOR v_run IN
         SELECT r.run_id, r.worker_id, r.attempt, r.max_attempts, r.workflow,
-               r.lease_expires_at
+               r.lease_expires_at, r.cancel_requested_at
           FROM ops.runs r
          WHERE r.status = 'running' AND r.lease_expires_at < now()
          ORDER BY r.lease_expires_at
@@ -473,7 +510,21 @@ BEGIN
     LOOP
         run_id := v_run.run_id;
         worker_id := v_run.worker_id;
-        IF v_run.attempt < v_run.max_attempts THEN
+        IF v_run.cancel_requested_at IS NOT NULL THEN
+            -- Retrying a run whose cancellation was requested would only cancel it later.
+            UPDATE ops.runs r
+               SET status = 'cancelled', finished_at = now(), lease_token = NULL,
+                   lease_expires_at = NULL,
+                   metadata = r.metadata || jsonb_build_object('error', format(
+                       'lease of worker %s expired after cancellation was requested',
+                       v_run.worker_id))
+             WHERE r.run_id = v_run.run_id;
+            action := 'cancelled';
+            PERFORM ops.append_event(v_run.run_id, 'warn', format(
+                'Lease of worker %s expired at %s after cancellation was requested; '
+                'run cancelled', v_run.worker_id, v_run.lease_expires_at),
+                jsonb_build_object('worker_id', v_run.worker_id, 'attempt', v_run.attempt));
+        ELSIF v_run.attempt < v_run.max_attempts THEN
             SELECT w.retry_delay INTO v_delay FROM ops.workflows w
              WHERE w.workflow = v_run.workflow;
             UPDATE ops.runs r

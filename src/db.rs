@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -17,9 +17,32 @@ use crate::secret::Secret;
 
 /// Parses a PostgreSQL URL or key=value connection string. The error never repeats
 /// the input.
+///
+/// TLS certificates are always verified against the system's CA store. A server on
+/// loopback or a Unix socket, whose URL does not set sslmode, is reached without TLS:
+/// local servers usually have a self-signed certificate, and the traffic never leaves
+/// the machine.
 pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, String> {
-    tokio_postgres::Config::from_str(url.expose())
-        .map_err(|err| format!("not a PostgreSQL connection string: {err}"))
+    let mut config = tokio_postgres::Config::from_str(url.expose())
+        .map_err(|err| format!("not a PostgreSQL connection string: {err}"))?;
+    if !url.expose().contains("sslmode") && is_local(&config) {
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    Ok(config)
+}
+
+fn is_local(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
 }
 
 /// Describes where a connection goes, without the password.
@@ -55,12 +78,30 @@ pub fn tls() -> MakeRustlsConnect {
     MakeRustlsConnect::new(config)
 }
 
+/// Idle time before the first TCP keepalive probe, then the gap between probes and how
+/// many may go unanswered: a silent server is found within about 25 seconds.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Sent data that stays unacknowledged this long aborts the connection (Linux
+/// TCP_USER_TIMEOUT), so a query to a server behind a dead network fails instead of
+/// waiting for the kernel's default of about 15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Applies the connect timeout and the dead-peer detection every connection uses.
+fn tune(config: &mut tokio_postgres::Config, settings: &DatabaseSettings) {
+    config.connect_timeout(settings.connect_timeout);
+    config.keepalives_idle(KEEPALIVE_IDLE);
+    config.keepalives_interval(KEEPALIVE_INTERVAL);
+    config.keepalives_retries(KEEPALIVE_RETRIES);
+    config.tcp_user_timeout(TCP_USER_TIMEOUT);
+}
+
 /// Builds the connection pool. Connections open lazily, so an unreachable server is
 /// reported by the first query, not here.
 pub fn pool(settings: &DatabaseSettings) -> Result<Pool, String> {
     let mut config = parse_url(&settings.url)?;
-    config.connect_timeout(settings.connect_timeout);
-    config.keepalives_idle(Duration::from_secs(30));
+    tune(&mut config, settings);
     if config.get_application_name().is_none() {
         config.application_name("odooops-agent");
     }
@@ -93,8 +134,7 @@ pub async fn connect(
     application_name: &str,
 ) -> Result<(tokio_postgres::Client, Connection), tokio_postgres::Error> {
     let mut config = parse_url(&settings.url).expect("validated with the config");
-    config.connect_timeout(settings.connect_timeout);
-    config.keepalives_idle(Duration::from_secs(30));
+    tune(&mut config, settings);
     config.application_name(application_name);
     config.connect(tls()).await
 }
@@ -120,5 +160,30 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     match err.as_db_error() {
         None => true,
         Some(db) => matches!(&db.code().code()[..2], "08" | "40" | "53" | "57" | "58"),
+    }
+}
+
+/// Failure of a call raced against a timeout.
+#[derive(Debug)]
+pub enum CallError {
+    Database(tokio_postgres::Error),
+    /// No reply within the limit.
+    TimedOut(Duration),
+}
+
+/// Returns the result of a call on `client` raced with `tokio::time::timeout(limit, ...)`.
+/// A connection that did not reply in time is closed instead of going back to the pool,
+/// because a later call on it would queue behind the lost one.
+pub fn check_answer<T>(
+    client: Object,
+    outcome: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    limit: Duration,
+) -> Result<T, CallError> {
+    match outcome {
+        Ok(result) => result.map_err(CallError::Database),
+        Err(_) => {
+            drop(Object::take(client));
+            Err(CallError::TimedOut(limit))
+        }
     }
 }

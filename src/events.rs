@@ -18,8 +18,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::db;
-use crate::queue::{db_error_text, Lease};
+use crate::db::{self, CallError};
+use crate::queue::{db_error_text, Lease, CALL_TIMEOUT};
 
 /// Events waiting for the writer. With lines of typical build output (under 200 bytes)
 /// this bounds the queue to a few megabytes.
@@ -123,7 +123,7 @@ impl EventSink {
         let event = Event {
             level,
             message: truncate(message.into()),
-            payload,
+            payload: payload.map(sanitize),
             created_at: Utc::now(),
         };
         // Sending fails only after the writer stopped because the lease was lost.
@@ -272,28 +272,69 @@ enum StoreError {
     Retry(String),
 }
 
-async fn store(pool: &Pool, lease: Lease, batch_id: Uuid, batch: &[Event]) -> Result<i32, StoreError> {
-    let client = pool.get().await.map_err(|err| StoreError::Retry(err.to_string()))?;
-    let statement = client
-        .prepare_cached("SELECT ops.append_events($1, $2, $3, $4, $5, $6, $7)")
+async fn store(
+    pool: &Pool,
+    lease: Lease,
+    batch_id: Uuid,
+    batch: &[Event],
+) -> Result<i32, StoreError> {
+    let client = pool
+        .get()
         .await
-        .map_err(|err| StoreError::Retry(db_error_text(&err)))?;
-
+        .map_err(|err| StoreError::Retry(err.to_string()))?;
     let levels: Vec<&str> = batch.iter().map(|e| e.level.as_str()).collect();
     let messages: Vec<&str> = batch.iter().map(|e| e.message.as_str()).collect();
     let payloads: Vec<Option<&Value>> = batch.iter().map(|e| e.payload.as_ref()).collect();
     let times: Vec<DateTime<Utc>> = batch.iter().map(|e| e.created_at).collect();
-    let result = client
-        .query_one(
-            &statement,
-            &[&lease.run_id, &lease.token, &batch_id, &levels, &messages, &payloads, &times],
-        )
-        .await;
-    match result {
+    let outcome = tokio::time::timeout(CALL_TIMEOUT, async {
+        let statement = client
+            .prepare_cached("SELECT ops.append_events($1, $2, $3, $4, $5, $6, $7)")
+            .await?;
+        client
+            .query_one(
+                &statement,
+                &[
+                    &lease.run_id,
+                    &lease.token,
+                    &batch_id,
+                    &levels,
+                    &messages,
+                    &payloads,
+                    &times,
+                ],
+            )
+            .await
+    })
+    .await;
+    match db::check_answer(client, outcome, CALL_TIMEOUT) {
         Ok(row) => Ok(row.get(0)),
-        Err(err) if db::sqlstate(&err) == Some(db::LEASE_LOST) => Err(StoreError::LeaseLost),
-        Err(err) if db::is_transient(&err) => Err(StoreError::Retry(err.to_string())),
-        Err(err) => Err(StoreError::Rejected(db_error_text(&err))),
+        Err(CallError::TimedOut(limit)) => Err(StoreError::Retry(format!(
+            "no reply within {} s; the connection was closed",
+            limit.as_secs()
+        ))),
+        Err(CallError::Database(err)) if db::sqlstate(&err) == Some(db::LEASE_LOST) => {
+            Err(StoreError::LeaseLost)
+        }
+        Err(CallError::Database(err)) if db::is_transient(&err) => {
+            Err(StoreError::Retry(db_error_text(&err)))
+        }
+        Err(CallError::Database(err)) => Err(StoreError::Rejected(db_error_text(&err))),
+    }
+}
+
+/// Makes a payload storable: jsonb rejects the escape \u0000 in strings and keys, so NUL
+/// characters are written as the two characters `\0`, as in messages.
+fn sanitize(payload: Value) -> Value {
+    match payload {
+        Value::String(text) if text.contains('\0') => Value::String(text.replace('\0', "\\0")),
+        Value::Array(items) => Value::Array(items.into_iter().map(sanitize).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, value)| (key.replace('\0', "\\0"), sanitize(value)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 
@@ -312,6 +353,13 @@ mod tests {
     #[test]
     fn nul_bytes_are_escaped() {
         assert_eq!(truncate("a\0b".to_string()), "a\\0b");
+    }
+
+    #[test]
+    fn nul_in_payload_strings_and_keys_is_escaped() {
+        let payload = serde_json::json!({ "a\0": ["x\0y", { "k": "\0" }], "n": 1 });
+        let expected = serde_json::json!({ "a\\0": ["x\\0y", { "k": "\\0" }], "n": 1 });
+        assert_eq!(sanitize(payload), expected);
     }
 
     #[test]

@@ -14,11 +14,14 @@
 //! - [`docker`]: the Docker Engine client.
 //! - [`storage`]: the artifact store for run logs and backups.
 //! - [`source`]: fetching a project's commit with git.
+//! - [`storage`]: object stores (a local directory, S3) for backups and artifacts.
+//! - [`archive`]: the streaming zip format of backups.
 //! - [`systemd`]: readiness and watchdog notifications.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod archive;
 pub mod config;
 pub mod db;
 pub mod docker;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use odooops_agent::agent::{self, Mode, Shutdown};
 use odooops_agent::config::{ConfigError, RawConfig, Settings};
+use odooops_agent::queue::db_error_text;
+use odooops_agent::workflows::restore::command::{self as restore_command, RestoreOptions};
 use odooops_agent::workflows::Workflows;
 use odooops_agent::{db, docker, logging, migrate};
 
@@ -15,6 +17,9 @@ const EXIT_USAGE: u8 = 64;
 /// Exit status when the database or Docker engine cannot be reached (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
 const DEFAULT_CONFIG: &str = "/etc/odooops/agent.toml";
+/// Next step for a database that cannot be reached.
+const UNREACHABLE_HINT: &str =
+    "check that PostgreSQL is running and that database.url or ODOOOPS_DATABASE_URL names it";
 
 /// Executes builds, deploys and backups queued in the ops control plane.
 #[derive(Parser)]
@@ -39,6 +44,29 @@ enum Command {
         /// Process claimable runs until none is left, then exit.
         #[arg(long)]
         once: bool,
+    },
+    /// Restore a backup into a new database, verified (and neutralized outside prod).
+    Restore {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Environment whose database server and data directory receive the restore.
+        #[arg(long)]
+        env: String,
+        /// Backup to restore; by default the newest successful backup of --from-env.
+        #[arg(long)]
+        backup_id: Option<uuid::Uuid>,
+        /// Environment whose newest backup is restored; by default --env.
+        #[arg(long)]
+        from_env: Option<String>,
+        /// Database to create; by default <db_name>_restored_<UTC time>.
+        #[arg(long)]
+        target_db: Option<String>,
+        /// Replace --target-db if it exists (its database and filestore are dropped).
+        #[arg(long)]
+        overwrite: bool,
+        /// Neutralize a restore into production too; other environments always are.
+        #[arg(long)]
+        neutralize: bool,
     },
     /// Validate the config and check that the database and Docker engine answer.
     Check {
@@ -94,11 +122,43 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             logging::init(&settings.log);
             let mode = if once { Mode::Once } else { Mode::Daemon };
             let shutdown = Shutdown::default();
-            install_signal_handlers(shutdown.clone()).map_err(Failure::Other)?;
+            shutdown.on_signals().map_err(|err| {
+                Failure::Other(anyhow::anyhow!("installing signal handlers failed: {err}"))
+            })?;
             agent::run(Arc::new(settings), Workflows::standard(), mode, shutdown)
                 .await
                 .map(|_| ())
                 .map_err(Failure::Other)
+        }
+        Command::Restore {
+            config,
+            env,
+            backup_id,
+            from_env,
+            target_db,
+            overwrite,
+            neutralize,
+        } => {
+            let settings = Settings::load(&config)?;
+            logging::init(&settings.log);
+            let options = RestoreOptions {
+                env,
+                backup_id,
+                from_env,
+                target_db,
+                overwrite,
+                neutralize,
+            };
+            let shutdown = Shutdown::default();
+            shutdown.on_signals().map_err(|err| {
+                Failure::Other(anyhow::anyhow!("installing signal handlers failed: {err}"))
+            })?;
+            let report = restore_command::run(Arc::new(settings), options, shutdown.drain)
+                .await
+                .map_err(Failure::Other)?;
+            let text = serde_json::to_string_pretty(&report).expect("a report serializes");
+            println!("{text}");
+            Ok(())
         }
         Command::Check { config } => {
             let settings = Settings::load(&config)?;
@@ -120,11 +180,16 @@ async fn run_migrations(settings: &Settings) -> Result<(), Failure> {
     let target = describe(settings)?;
     let (mut client, connection) = db::connect(&settings.database, "odooops-agent-migrate")
         .await
-        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("connecting to {target} failed: {err}")))?;
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!(
+                "connecting to {target} failed: {}; {UNREACHABLE_HINT}",
+                db_error_text(&err)
+            ))
+        })?;
     tokio::spawn(connection);
     let applied = migrate::migrate(&mut client)
         .await
-        .map_err(|err| Failure::Other(err.into()))?;
+        .map_err(|err| Failure::Other(anyhow::anyhow!("{err}")))?;
     if applied.is_empty() {
         println!("{target}: schema is up to date");
     } else {
@@ -145,7 +210,12 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
     let target = describe(settings)?;
     let (client, connection) = db::connect(&settings.database, "odooops-agent-check")
         .await
-        .map_err(|err| Failure::Unavailable(anyhow::anyhow!("database {target}: {err}")))?;
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!(
+                "database {target}: {}; {UNREACHABLE_HINT}",
+                db_error_text(&err)
+            ))
+        })?;
     tokio::spawn(connection);
     let row = client
         .query_one(
@@ -155,8 +225,9 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         .await
         .map_err(|err| {
             Failure::Unavailable(anyhow::anyhow!(
-                "database {target}: reading ops.schema_migrations failed: {err}; \
-                 run `odooops-agent migrate` first"
+                "database {target}: reading ops.schema_migrations failed: {}; \
+                 run `odooops-agent migrate` first",
+                db_error_text(&err)
             ))
         })?;
     let version: Option<i32> = row.get(0);
@@ -167,7 +238,10 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
              run `odooops-agent migrate`"
         )));
     }
-    println!("database: ok ({target}, schema version {})", version.unwrap_or(0));
+    println!(
+        "database: ok ({target}, schema version {})",
+        version.unwrap_or(0)
+    );
 
     let engine = docker::connect(&settings.docker)
         .await
@@ -183,25 +257,3 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
     );
     Ok(())
 }
-
-/// The first SIGTERM or SIGINT stops claiming and drains; a second one hands running
-/// runs back at once.
-fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if shutdown.drain.is_cancelled() {
-                    tracing::warn!(signal, "second stop signal; handing runs back now");
-                    shutdown.hand_back.cancel();
-                } else {
-                    tracing::info!(signal, "stop signal received; draining");
-                    shutdown.drain.cancel();
-                }
-            }
-        })?;
-    Ok(())
-}
-

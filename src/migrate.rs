@@ -9,6 +9,8 @@
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
+use crate::queue::db_error_text;
+
 /// Key of the advisory lock held while migrating ("odooops" in ASCII).
 const MIGRATION_LOCK: i64 = 0x006f_646f_6f6f_7073;
 
@@ -21,17 +23,29 @@ pub struct Migration {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "control_plane",
-    sql: include_str!("../migrations/0001_control_plane.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "control_plane",
+        sql: include_str!("../migrations/0001_control_plane.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "approvals_and_branch_rules",
+        sql: include_str!("../migrations/0002_approvals_and_branch_rules.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "backups",
+        sql: include_str!("../migrations/0003_backups.sql"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("database error while applying migrations: {0}")]
+    #[error("database error while applying migrations: {}", db_error_text(.0))]
     Database(#[from] tokio_postgres::Error),
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {}", db_error_text(.source))]
     Failed {
         version: i32,
         name: &'static str,

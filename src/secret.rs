@@ -95,13 +95,12 @@ impl SecretSource {
 
 fn read_secret_file(key: &str, path: &str) -> Result<Secret, SecretError> {
     let expanded = expand_credentials_directory(path);
-    let contents = std::fs::read_to_string(Path::new(&expanded)).map_err(|source| {
-        SecretError::File {
+    let contents =
+        std::fs::read_to_string(Path::new(&expanded)).map_err(|source| SecretError::File {
             key: key.into(),
             path: expanded.clone(),
             source,
-        }
-    })?;
+        })?;
     let trimmed = contents
         .strip_suffix('\n')
         .map(|s| s.strip_suffix('\r').unwrap_or(s))
@@ -117,7 +116,10 @@ fn read_secret_file(key: &str, path: &str) -> Result<Secret, SecretError> {
 
 fn expand_credentials_directory(path: &str) -> String {
     const VAR: &str = "${CREDENTIALS_DIRECTORY}";
-    match (path.strip_prefix(VAR), std::env::var("CREDENTIALS_DIRECTORY")) {
+    match (
+        path.strip_prefix(VAR),
+        std::env::var("CREDENTIALS_DIRECTORY"),
+    ) {
         (Some(rest), Ok(dir)) => format!("{dir}{rest}"),
         _ => path.to_string(),
     }
@@ -154,7 +156,10 @@ mod tests {
             file: Some(path.to_string_lossy().into_owned()),
             ..Default::default()
         };
-        let secret = source.resolve("storage.s3.secret_access_key").unwrap().unwrap();
+        let secret = source
+            .resolve("storage.s3.secret_access_key")
+            .unwrap()
+            .unwrap();
         assert_eq!(secret.expose(), "s3cret");
     }
 

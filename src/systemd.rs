@@ -30,7 +30,10 @@ pub async fn watchdog(stop: CancellationToken) {
         return;
     }
     let interval = Duration::from_micros(usec) / 2;
-    tracing::debug!(interval_ms = interval.as_millis() as u64, "systemd watchdog enabled");
+    tracing::debug!(
+        interval_ms = interval.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
     loop {
         send(&[NotifyState::Watchdog]);
         tokio::select! {

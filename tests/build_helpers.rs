@@ -94,7 +94,7 @@ impl BusyboxImage {
     }
 
     async fn remove(self) {
-        remove_images(&self.docker, &[self.reference.clone()]).await;
+        remove_images(&self.docker, std::slice::from_ref(&self.reference)).await;
     }
 }
 

@@ -2,6 +2,7 @@
 //! expired leases, and drains on shutdown.
 
 mod runner;
+mod shutdown;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,19 +17,15 @@ use crate::systemd;
 use crate::workflows::Workflows;
 
 pub use runner::StopReason;
+pub use shutdown::Shutdown;
 
 /// Longest pause between claim attempts while the database is unreachable.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(30);
+/// Consecutive failed claims after which [`Mode::Once`] gives up, after about 13 s of
+/// backoff, because a cron job should fail and report rather than wait forever.
+const ONCE_MAX_CLAIM_FAILURES: u32 = 8;
 /// How long handed-back runs get to write their last events and release their leases.
 const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(45);
-
-/// How the daemon is told to stop. `drain` stops claiming and waits for running runs up
-/// to the grace period; `hand_back` stops them at once and returns them to the queue.
-#[derive(Clone, Default)]
-pub struct Shutdown {
-    pub drain: CancellationToken,
-    pub hand_back: CancellationToken,
-}
 
 /// When the claim loop exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +75,14 @@ pub async fn run(
         background.clone(),
     ));
     tokio::spawn(systemd::watchdog(background.clone()));
+    // Only a daemon schedules: a `--once` run must not queue work it would then claim.
+    if mode == Mode::Daemon {
+        tokio::spawn(crate::workflows::backup::scheduler::run(
+            settings.clone(),
+            queue.pool().clone(),
+            background.clone(),
+        ));
+    }
 
     let shared = Arc::new(Shared {
         settings: settings.clone(),
@@ -94,11 +99,12 @@ pub async fn run(
     systemd::notify_ready();
 
     let mut tasks = JoinSet::new();
-    let summary = claim_loop(&shared, mode, &shutdown, &wake, &mut tasks).await;
+    let outcome = claim_loop(&shared, mode, &shutdown, &wake, &mut tasks).await;
 
     systemd::notify_stopping();
     drain(&mut tasks, settings.agent.shutdown_grace, &shutdown).await;
     background.cancel();
+    let summary = outcome?;
     tracing::info!(claimed = summary.claimed, "agent stopped");
     Ok(summary)
 }
@@ -126,55 +132,123 @@ async fn claim_loop(
     shutdown: &Shutdown,
     wake: &Notify,
     tasks: &mut JoinSet<()>,
-) -> Summary {
+) -> anyhow::Result<Summary> {
     let slots = Arc::new(Semaphore::new(shared.settings.agent.concurrency));
-    let poll_interval = shared.settings.agent.poll_interval;
     let mut summary = Summary::default();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            log_task_failure(joined);
+        }
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
-            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.stopping() => break,
         };
-        if shutdown.drain.is_cancelled() {
+        if shutdown.is_stopping() {
             break;
         }
+        // The database starts the lease after this instant, so a lease deadline counted
+        // from it is never later than the database's.
+        // NOTE: a stop request does not interrupt a claim in flight, so a database that
+        // stopped replying delays shutdown by up to queue::CALL_TIMEOUT (30 s).
+        let claimed_at = Instant::now();
         match shared.queue.claim().await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
-                backoff = Duration::from_millis(100);
-                tasks.spawn(runner::execute(run, shared.clone(), permit));
+                backoff = Backoff::default();
+                tasks.spawn(runner::execute(run, claimed_at, shared.clone(), permit));
             }
             Ok(None) => {
                 drop(permit);
-                backoff = Duration::from_millis(100);
+                backoff = Backoff::default();
                 if mode == Mode::Once && tasks.is_empty() {
                     break;
                 }
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(poll_interval) => {}
-                    _ = shutdown.drain.cancelled() => break,
-                    Some(_) = tasks.join_next(), if mode == Mode::Once => {}
+                let poll = shared.settings.agent.poll_interval;
+                if !wait_for_work(mode, poll, shutdown, wake, tasks).await {
+                    break;
                 }
             }
             Err(err) => {
                 drop(permit);
-                tracing::warn!(
-                    error = %err,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "claiming a run failed"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.drain.cancelled() => break,
+                let delay = backoff.fail();
+                if mode == Mode::Once && backoff.failures >= ONCE_MAX_CLAIM_FAILURES {
+                    let failures = backoff.failures;
+                    anyhow::bail!("claiming a run failed {failures} times in a row: {err}");
                 }
-                backoff = (backoff * 2).min(MAX_CLAIM_BACKOFF);
+                let retry_in_ms = delay.as_millis() as u64;
+                tracing::warn!(error = %err, retry_in_ms, "claiming a run failed");
+                if !wait_after_failure(delay, shutdown, wake).await {
+                    break;
+                }
             }
         }
     }
-    summary
+    Ok(summary)
+}
+
+/// Consecutive failed claims and the pause before the next attempt.
+struct Backoff {
+    failures: u32,
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            failures: 0,
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    /// Counts a failure and returns the pause before the next attempt.
+    fn fail(&mut self) -> Duration {
+        self.failures += 1;
+        let delay = self.delay;
+        self.delay = (delay * 2).min(MAX_CLAIM_BACKOFF);
+        delay
+    }
+}
+
+/// Waits for a wake-up, the poll interval or, in [`Mode::Once`], the end of a run.
+/// Returns false when a stop is requested.
+async fn wait_for_work(
+    mode: Mode,
+    poll_interval: Duration,
+    shutdown: &Shutdown,
+    wake: &Notify,
+    tasks: &mut JoinSet<()>,
+) -> bool {
+    tokio::select! {
+        _ = wake.notified() => true,
+        _ = tokio::time::sleep(poll_interval) => true,
+        _ = shutdown.stopping() => false,
+        Some(joined) = tasks.join_next(), if mode == Mode::Once => {
+            log_task_failure(joined);
+            true
+        }
+    }
+}
+
+/// Waits out `delay` after a failed claim, or until the listener reconnects, which is the
+/// first sign that the database is back. Returns false when a stop is requested.
+async fn wait_after_failure(delay: Duration, shutdown: &Shutdown, wake: &Notify) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = wake.notified() => true,
+        _ = shutdown.stopping() => false,
+    }
+}
+
+/// Logs a run task that panicked outside its workflow, which catches its own panics.
+fn log_task_failure(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined {
+        if err.is_panic() {
+            tracing::error!(error = %err, "a run task panicked; its lease will expire");
+        }
+    }
 }
 
 /// Waits for running runs up to the grace period, then hands the rest back.
@@ -188,20 +262,33 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
         "stopped claiming; waiting for running runs"
     );
     let started = Instant::now();
-    let all_done = async { while tasks.join_next().await.is_some() {} };
+    let all_done = async {
+        while let Some(joined) = tasks.join_next().await {
+            log_task_failure(joined);
+        }
+    };
     let finished = tokio::select! {
         _ = all_done => true,
         _ = tokio::time::sleep(grace) => false,
         _ = shutdown.hand_back.cancelled() => false,
     };
     if finished {
-        tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "runs finished");
+        tracing::info!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            "runs finished"
+        );
         return;
     }
-    tracing::warn!(runs = tasks.len(), "grace period over; handing running runs back");
+    tracing::warn!(
+        runs = tasks.len(),
+        "grace period over; handing running runs back"
+    );
     shutdown.hand_back.cancel();
     let handed_back = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(HAND_BACK_TIMEOUT, handed_back).await.is_err() {
+    if tokio::time::timeout(HAND_BACK_TIMEOUT, handed_back)
+        .await
+        .is_err()
+    {
         tracing::error!(
             runs = tasks.len(),
             "runs did not stop in time; their leases will expire and be reaped"

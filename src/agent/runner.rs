@@ -1,14 +1,18 @@
 //! Executes one claimed run: heartbeats, events, the workflow, and how the run ends.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::events::{EventSink, FlushOutcome};
+use crate::events::{EventSink, FlushOutcome, Level};
 use crate::queue::{ClaimedRun, FinalStatus, Lease, Queue, QueueError};
 use crate::workflows::{RunContext, RunResult, StepError};
 
@@ -44,8 +48,14 @@ impl Stop {
     }
 }
 
-/// Runs the claimed run to its end. The permit is the concurrency slot it occupies.
-pub async fn execute(run: ClaimedRun, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+/// Runs the claimed run to its end. `claimed_at` is when the claim was sent, and the
+/// permit is the concurrency slot the run occupies.
+pub async fn execute(
+    run: ClaimedRun,
+    claimed_at: Instant,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!(
         "run",
         run.id = %run.run_id,
@@ -53,27 +63,17 @@ pub async fn execute(run: ClaimedRun, shared: Arc<Shared>, _permit: OwnedSemapho
         env.id = %run.env_id,
         attempt = run.attempt,
     );
-    execute_in_span(run, shared).instrument(span).await
+    execute_in_span(run, claimed_at, shared)
+        .instrument(span)
+        .await
 }
 
-async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
+async fn execute_in_span(run: ClaimedRun, claimed_at: Instant, shared: Arc<Shared>) {
     let started = Instant::now();
     let lease = run.lease;
     let stop = Arc::new(Stop::default());
     let events = EventSink::start(shared.queue.pool().clone(), lease);
-    let heartbeat = tokio::spawn(keep_lease(
-        shared.queue.clone(),
-        lease,
-        shared.settings.agent.heartbeat_interval,
-        shared.settings.agent.lease,
-        stop.clone(),
-    ));
-    let hand_back = shared.hand_back.clone();
-    let stop_on_shutdown = stop.clone();
-    let shutdown_watch = tokio::spawn(async move {
-        hand_back.cancelled().await;
-        stop_on_shutdown.request(StopReason::Shutdown);
-    });
+    let _watchers = watch_over(&run, claimed_at, &shared, &stop);
 
     tracing::info!("run started");
     events
@@ -95,9 +95,43 @@ async fn execute_in_span(run: ClaimedRun, shared: Arc<Shared>) {
     let result = run_workflow(&ctx, &shared, &stop).await;
     drop(ctx);
 
-    conclude(&shared.queue, lease, &events, stop.reason(), result, started).await;
-    shutdown_watch.abort();
-    heartbeat.abort();
+    conclude(
+        &shared.queue,
+        lease,
+        &events,
+        stop.reason(),
+        result,
+        started,
+    )
+    .await;
+}
+
+/// Starts the tasks that renew the lease and turn a hand-back request into a stop. They
+/// end when the returned handles are dropped, even when the run task unwinds.
+fn watch_over(
+    run: &ClaimedRun,
+    claimed_at: Instant,
+    shared: &Shared,
+    stop: &Arc<Stop>,
+) -> [AbortOnDropHandle<()>; 2] {
+    let heartbeat = tokio::spawn(keep_lease(
+        shared.queue.clone(),
+        run.lease,
+        claimed_at,
+        shared.settings.agent.heartbeat_interval,
+        shared.settings.agent.lease,
+        stop.clone(),
+    ));
+    let hand_back = shared.hand_back.clone();
+    let stop = stop.clone();
+    let shutdown_watch = tokio::spawn(async move {
+        hand_back.cancelled().await;
+        stop.request(StopReason::Shutdown);
+    });
+    [
+        AbortOnDropHandle::new(heartbeat),
+        AbortOnDropHandle::new(shutdown_watch),
+    ]
 }
 
 async fn run_workflow(ctx: &RunContext, shared: &Shared, stop: &Stop) -> RunResult {
@@ -108,7 +142,11 @@ async fn run_workflow(ctx: &RunContext, shared: &Shared, stop: &Stop) -> RunResu
             shared.workflows.names().collect::<Vec<_>>().join(", ")
         )));
     };
-    let execution = workflow.execute(ctx);
+    // A panicking workflow fails its run like any other error instead of taking the run
+    // task down. The call is inside the future, so a panic before the first await counts.
+    let execution = AssertUnwindSafe(async { workflow.execute(ctx).await })
+        .catch_unwind()
+        .map(|outcome| outcome.unwrap_or_else(|panic| Err(panicked(&ctx.run.workflow, panic))));
     tokio::pin!(execution);
     tokio::select! {
         result = &mut execution => result,
@@ -124,6 +162,58 @@ async fn run_workflow(ctx: &RunContext, shared: &Shared, stop: &Stop) -> RunResu
     }
 }
 
+fn panicked(workflow: &str, panic: Box<dyn Any + Send>) -> StepError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string());
+    StepError::new(
+        "execute",
+        anyhow::anyhow!("workflow {workflow} panicked: {message}"),
+    )
+}
+
+/// Outcome of a run, decided from its stop reason and its workflow's result.
+enum Ending {
+    /// The lease is gone: nothing may be written for the run any more.
+    Abandon,
+    /// Back to the queue without using up the attempt.
+    HandBack,
+    Finish(FinalStatus, Value),
+}
+
+/// Decides the outcome and the last event's message. A workflow that returned success did
+/// its work, so the run succeeds even when a stop was requested meanwhile. A failure after
+/// a stop request is attributed to the stop.
+fn ending(reason: Option<StopReason>, result: RunResult, elapsed: f64) -> (Ending, String) {
+    match (reason, result) {
+        (Some(StopReason::LeaseLost), _) => (Ending::Abandon, String::new()),
+        (_, Ok(metadata)) => (
+            Ending::Finish(FinalStatus::Success, as_object(metadata)),
+            format!("Run succeeded in {elapsed:.1} s"),
+        ),
+        (Some(StopReason::Shutdown), Err(_)) => (
+            Ending::HandBack,
+            "Agent is shutting down; handing the run back".to_string(),
+        ),
+        (Some(StopReason::CancelRequested), Err(_)) => (
+            Ending::Finish(
+                FinalStatus::Cancelled,
+                json!({ "error": "cancelled on request" }),
+            ),
+            "Run cancelled on request".to_string(),
+        ),
+        (None, Err(failure)) => {
+            let message = format!("{failure}");
+            tracing::warn!(step = failure.step, error = %message, "run failed");
+            let mut metadata = json!({ "error": message, "failed_step": failure.step });
+            merge(&mut metadata, failure.metadata);
+            (Ending::Finish(FinalStatus::Failed, metadata), message)
+        }
+    }
+}
+
 /// Writes the run's last events and finishes, releases or abandons it.
 async fn conclude(
     queue: &Queue,
@@ -133,43 +223,56 @@ async fn conclude(
     result: RunResult,
     started: Instant,
 ) {
-    let elapsed = started.elapsed().as_secs_f64();
-    let (status, metadata) = match (reason, result) {
-        (Some(StopReason::LeaseLost), _) => {
+    let (ending, message) = ending(reason, result, started.elapsed().as_secs_f64());
+    let (status, metadata) = match ending {
+        Ending::Abandon => {
             tracing::warn!("lease lost; the run was taken back and is abandoned here");
             return;
         }
-        (Some(StopReason::Shutdown), _) => {
-            events.warn("Agent is shutting down; handing the run back").await;
+        Ending::HandBack => {
+            events.warn(message).await;
             if let FlushOutcome::Flushed { .. } = events.flush().await {
                 let reason = format!("agent {} stopped", queue.worker_id());
-                report(queue.release(lease, &reason).await, "handed back to the queue");
+                report(
+                    queue.release(lease, &reason).await,
+                    "handed back to the queue",
+                );
             }
             return;
         }
-        (Some(StopReason::CancelRequested), _) => {
-            events.warn("Run cancelled on request").await;
-            (FinalStatus::Cancelled, json!({ "error": "cancelled on request" }))
-        }
-        (None, Ok(metadata)) => {
-            events.info(format!("Run succeeded in {elapsed:.1} s")).await;
-            (FinalStatus::Success, metadata)
-        }
-        (None, Err(failure)) => {
-            let message = format!("{failure}");
-            tracing::warn!(step = failure.step, error = %message, "run failed");
-            events.error(message.clone()).await;
-            let mut metadata = json!({ "error": message, "failed_step": failure.step });
-            merge(&mut metadata, failure.metadata);
-            (FinalStatus::Failed, metadata)
-        }
+        Ending::Finish(status, metadata) => (status, metadata),
     };
+    let level = match status {
+        FinalStatus::Success => Level::Info,
+        FinalStatus::Cancelled => Level::Warn,
+        FinalStatus::Failed => Level::Error,
+    };
+    events.send(level, message, None).await;
     if let FlushOutcome::LeaseLost { .. } = events.flush().await {
         tracing::warn!("lease lost before the run could be finished");
         return;
     }
-    let result = finish_with_retry(queue, lease, status, &metadata).await;
+    let mut result = finish_with_retry(queue, lease, status, &metadata).await;
+    if let Err(QueueError::Rejected(reason)) = &result {
+        // Left running, the run would be reaped and executed again.
+        let error = format!("finishing the run as {} failed: {reason}", status.as_str());
+        tracing::error!(error = %error, "finishing the run as failed instead");
+        events.error(error.clone()).await;
+        events.flush().await;
+        let metadata = json!({ "error": error, "failed_step": "finish" });
+        result = finish_with_retry(queue, lease, FinalStatus::Failed, &metadata).await;
+    }
     report(result, status.as_str());
+}
+
+/// Makes a workflow's result mergeable into the run's metadata, which must be a JSON
+/// object. Null adds nothing, and any other non-object value is stored under "result".
+fn as_object(metadata: Value) -> Value {
+    match metadata {
+        Value::Object(_) => metadata,
+        Value::Null => json!({}),
+        other => json!({ "result": other }),
+    }
 }
 
 fn merge(target: &mut Value, extra: Value) {
@@ -211,17 +314,22 @@ async fn finish_with_retry(
 async fn keep_lease(
     queue: Queue,
     lease: Lease,
+    claimed_at: Instant,
     interval: Duration,
     lease_length: Duration,
     stop: Arc<Stop>,
 ) {
-    let mut renewed_at = Instant::now();
+    // The database computes each expiry from its clock when the call arrives, which is
+    // after the call left here, so this deadline is never later than the real one.
+    let mut deadline = claimed_at + lease_length;
     let mut wait = interval;
     loop {
         tokio::time::sleep(wait).await;
-        match queue.heartbeat(lease).await {
+        let sent_at = Instant::now();
+        let remaining = deadline.saturating_duration_since(sent_at);
+        match queue.heartbeat_within(lease, remaining).await {
             Ok(cancel_requested) => {
-                renewed_at = Instant::now();
+                deadline = sent_at + lease_length;
                 wait = interval;
                 if cancel_requested {
                     stop.request(StopReason::CancelRequested);
@@ -234,12 +342,13 @@ async fn keep_lease(
             Err(err) => {
                 tracing::warn!(error = %err, "renewing the lease failed; retrying");
                 wait = interval.min(Duration::from_secs(1));
-                // Past this point another agent may hold the run.
-                if renewed_at.elapsed() >= lease_length {
-                    stop.request(StopReason::LeaseLost);
-                    return;
-                }
             }
+        }
+        // Past the deadline another agent may hold the run.
+        if Instant::now() >= deadline {
+            tracing::warn!("the lease expired before it could be renewed; stopping the run");
+            stop.request(StopReason::LeaseLost);
+            return;
         }
     }
 }

@@ -5,19 +5,23 @@
 //! config.example.toml documents the same keys. A bad value is reported with its key and
 //! the value itself (secrets excepted), and the CLI exits with status 64.
 
+pub mod backup;
 mod build;
+mod deploy;
 mod raw;
 mod registry;
-mod storage;
+pub mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::secret::{Secret, SecretError, SecretSource};
+pub use backup::BackupSettings;
 pub use build::{BuildSettings, CommandLine, TestDatabaseSettings, DEFAULT_TEST_COMMAND};
+pub use deploy::{DeploySettings, RegistryCredentials};
 pub use raw::RawConfig;
 pub use registry::{is_path_component, is_registry_host, RegistrySettings};
-pub use storage::{StorageBackend, StorageSettings, DEFAULT_ARTIFACT_DIR};
+pub use storage::{StorageBackend, StorageSettings};
 
 /// Environment variable that overrides `database.url` for every subcommand.
 pub const DATABASE_URL_ENV: &str = "ODOOOPS_DATABASE_URL";
@@ -98,6 +102,8 @@ pub struct Settings {
     pub build: BuildSettings,
     /// `None` when no `[registry]` section is configured.
     pub registry: Option<RegistrySettings>,
+    pub deploy: DeploySettings,
+    pub backup: BackupSettings,
 }
 
 #[derive(Debug, Clone)]

@@ -23,6 +23,10 @@ pub struct RawConfig {
     pub build: super::build::RawBuild,
     #[serde(default)]
     pub registry: super::registry::RawRegistry,
+    #[serde(default)]
+    pub deploy: super::deploy::RawDeploy,
+    #[serde(default)]
+    pub backup: super::backup::RawBackup,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,7 +72,9 @@ impl RawConfig {
     /// Validates every section, taking the database URL from ODOOOPS_DATABASE_URL when it
     /// is set.
     pub fn validate(self) -> Result<Settings, ConfigError> {
-        let url_override = std::env::var(DATABASE_URL_ENV).ok().filter(|v| !v.is_empty());
+        let url_override = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|v| !v.is_empty());
         self.validate_with(url_override)
     }
 
@@ -81,6 +87,8 @@ impl RawConfig {
             storage: self.storage.validate()?,
             build: self.build.validate()?,
             registry: self.registry.validate()?,
+            deploy: self.deploy.validate()?,
+            backup: self.backup.validate()?,
         })
     }
 }
@@ -167,7 +175,9 @@ impl RawAgent {
                 0,
                 86_400,
             )?,
-            work_dir: self.work_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
+            work_dir: self
+                .work_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
         })
     }
 }
@@ -185,7 +195,10 @@ fn validate_workflows(list: Vec<String>) -> Result<Vec<String>, ConfigError> {
             return Err(ConfigError::invalid(
                 "agent.workflows",
                 format!("{workflow:?}"),
-                format!("unknown workflow; expected one of {}", KNOWN_WORKFLOWS.join(", ")),
+                format!(
+                    "unknown workflow; expected one of {}",
+                    KNOWN_WORKFLOWS.join(", ")
+                ),
             ));
         }
     }
@@ -209,14 +222,15 @@ impl RawDatabase {
     fn validate(self, url_override: Option<String>) -> Result<DatabaseSettings, ConfigError> {
         let url = match url_override {
             Some(url) => Secret::new(url),
-            None => secret("database.url", &self.url, &self.url_env, &self.url_file)?
-                .ok_or_else(|| ConfigError::Missing {
+            None => secret("database.url", &self.url, &self.url_env, &self.url_file)?.ok_or_else(
+                || ConfigError::Missing {
                     key: "database.url".into(),
                     reason: format!(
                         "set database.url, database.url_env or database.url_file, \
                          or the {DATABASE_URL_ENV} environment variable"
                     ),
-                })?,
+                },
+            )?,
         };
         crate::db::parse_url(&url).map_err(|reason| ConfigError::Invalid {
             key: "database.url".into(),

@@ -17,7 +17,10 @@ fn empty_config_uses_documented_defaults() {
     let settings = parse("").unwrap();
     assert_eq!(settings.agent.concurrency, DEFAULT_CONCURRENCY);
     assert_eq!(settings.agent.lease, DEFAULT_LEASE);
-    assert_eq!(settings.agent.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    assert_eq!(
+        settings.agent.heartbeat_interval,
+        DEFAULT_HEARTBEAT_INTERVAL
+    );
     assert_eq!(settings.agent.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     assert_eq!(settings.agent.workflows.len(), KNOWN_WORKFLOWS.len());
     assert!(settings.agent.environments.is_empty());
@@ -91,4 +94,14 @@ fn docker_host_without_scheme_is_rejected() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("docker.host"), "{err}");
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let settings = parse(&text).unwrap();
+    assert_eq!(settings.agent.lease, DEFAULT_LEASE);
+    assert_eq!(settings.agent.poll_interval, DEFAULT_POLL_INTERVAL);
+    assert_eq!(settings.database.pool_size, DEFAULT_POOL_SIZE);
 }

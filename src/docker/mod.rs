@@ -1,12 +1,14 @@
 //! The Docker Engine API client and the helpers workflows use: [`image`] builds, tags and
-//! pushes images from a [`context`] directory filtered by [`ignore`] rules, and
-//! [`container`] runs one-off containers with their output streamed line by line.
+//! pushes images from a [`context`] directory filtered by [`ignore`] rules,
+//! [`container`] runs one-off containers with their output streamed line by line, and
+//! [`pull`] finds an image on the host or pulls it with registry credentials.
 
 pub mod container;
 pub mod context;
 pub mod ignore;
 pub mod image;
 pub mod lines;
+pub mod pull;
 
 use bollard::{Docker, API_DEFAULT_VERSION};
 

@@ -3,9 +3,10 @@
 //! A trigger on ops.runs sends `ops_run_queued` with the environment id whenever a run
 //! becomes claimable. The listener holds its own connection (LISTEN is per session, so a
 //! pooled connection will not do) and wakes the claim loop for environments this agent
-//! serves. If the connection drops, it reconnects with backoff and wakes the loop once,
-//! since runs queued in between sent their notifications to nobody. The claim loop also
-//! polls on a timer, so a dead listener slows the agent down but never stalls it.
+//! serves. If the connection drops, it reconnects with backoff and wakes the loop once it
+//! listens again, since runs queued in between sent their notifications to nobody. The
+//! claim loop also polls on a timer, so a dead listener slows the agent down but never
+//! stalls it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
 use crate::db;
+use crate::queue::db_error_text;
 
 pub const CHANNEL: &str = "ops_run_queued";
 /// application_name of the listener's session, so operators (and tests) can find it.
@@ -51,8 +53,6 @@ pub async fn run(
             retry_in_ms = backoff.as_millis() as u64,
             "queue listener disconnected; polling continues until it reconnects"
         );
-        // Runs queued while the connection was down notified nobody.
-        wake.notify_one();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -69,7 +69,7 @@ async fn listen_once(
 ) -> String {
     let (client, mut connection) = match db::connect(settings, APPLICATION_NAME).await {
         Ok(pair) => pair,
-        Err(err) => return format!("connecting failed: {err}"),
+        Err(err) => return format!("connecting failed: {}", db_error_text(&err)),
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -81,7 +81,7 @@ async fn listen_once(
                     let _ = tx.send(note.payload().to_string());
                 }
                 Ok(_) => {}
-                Err(err) => return format!("connection failed: {err}"),
+                Err(err) => return format!("connection failed: {}", db_error_text(&err)),
             }
         }
         "connection closed by the server".to_string()
@@ -91,8 +91,9 @@ async fn listen_once(
         client
             .batch_execute(&format!("LISTEN {CHANNEL}"))
             .await
-            .map_err(|err| format!("LISTEN failed: {err}"))?;
+            .map_err(|err| format!("LISTEN failed: {}", db_error_text(&err)))?;
         tracing::debug!("queue listener connected");
+        // Runs queued while the listener was not connected notified nobody.
         wake.notify_one();
         let mut ping = tokio::time::interval(PING_INTERVAL);
         ping.tick().await;
@@ -107,7 +108,9 @@ async fn listen_once(
                     let query = client.simple_query("SELECT 1");
                     match tokio::time::timeout(settings.connect_timeout, query).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(err)) => return Err(format!("ping failed: {err}")),
+                        Ok(Err(err)) => {
+                            return Err(format!("ping failed: {}", db_error_text(&err)))
+                        }
                         Err(_) => return Err("ping timed out".to_string()),
                     }
                 }

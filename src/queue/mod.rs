@@ -12,10 +12,18 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
+use tokio::time::error::Elapsed;
+use tokio::time::{timeout, timeout_at};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, CallError};
+
+/// Maximum wait for the reply to one queue call. A healthy control plane replies within
+/// milliseconds, so a call still waiting after this is on a dead connection. That
+/// connection is closed, and the next call opens a fresh one.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Proof that this agent holds a run: its id and the token of the current claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +106,7 @@ impl QueueError {
     fn from_pg(err: tokio_postgres::Error, run_id: Option<Uuid>) -> QueueError {
         match (db::sqlstate(&err), run_id) {
             (Some(db::LEASE_LOST), Some(run_id)) => QueueError::LeaseLost { run_id },
-            _ if db::is_transient(&err) => QueueError::Unavailable(err.to_string()),
+            _ if db::is_transient(&err) => QueueError::Unavailable(db_error_text(&err)),
             _ => QueueError::Rejected(db_error_text(&err)),
         }
     }
@@ -115,12 +123,20 @@ impl QueueError {
     }
 }
 
-/// The server's message for a database error, which tokio-postgres' Display omits.
+/// Describes a database error with what tokio-postgres' Display omits: the server's
+/// message and SQLSTATE, or the chain of causes, such as "Connection refused".
 pub fn db_error_text(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => err.to_string(),
+    if let Some(db) = err.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
     }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
 }
 
 /// A run whose lease expired, as reported by the reaper.
@@ -128,7 +144,7 @@ pub fn db_error_text(err: &tokio_postgres::Error) -> String {
 pub struct ReapedRun {
     pub run_id: Uuid,
     pub worker_id: Option<String>,
-    /// "requeued" or "failed".
+    /// "requeued", "failed" or "cancelled".
     pub action: String,
 }
 
@@ -178,26 +194,42 @@ impl Queue {
         self.pool.get().await.map_err(QueueError::from_pool)
     }
 
+    /// Maps the outcome of a call raced against `limit`. `run_id` turns SQLSTATE OPL01
+    /// into [`QueueError::LeaseLost`] for that run.
+    fn answer<T>(
+        client: deadpool_postgres::Object,
+        outcome: Result<Result<T, tokio_postgres::Error>, Elapsed>,
+        limit: Duration,
+        run_id: Option<Uuid>,
+    ) -> Result<T, QueueError> {
+        db::check_answer(client, outcome, limit).map_err(|err| match err {
+            CallError::Database(err) => QueueError::from_pg(err, run_id),
+            CallError::TimedOut(limit) => QueueError::Unavailable(format!(
+                "no reply within {} s; the connection was closed",
+                limit.as_secs()
+            )),
+        })
+    }
+
     /// Claims the oldest claimable run, if any. See ops.claim_next_run for how long its
     /// row lock lives and what happens to the run if this agent dies.
     pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
+        let filter = &self.filter;
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        let row = client
-            .query_opt(
-                &statement,
-                &[
-                    &self.filter.worker_id,
-                    &self.filter.env_ids,
-                    &self.filter.workflows,
-                    &self.lease_secs(),
-                ],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
+        let outcome = timeout(CALL_TIMEOUT, async {
+            let statement = client
+                .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
+                .await?;
+            let params: [&(dyn ToSql + Sync); 4] = [
+                &filter.worker_id,
+                &filter.env_ids,
+                &filter.workflows,
+                &self.lease_secs(),
+            ];
+            client.query_opt(&statement, &params).await
+        })
+        .await;
+        let row = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
         row.map(|row| ClaimedRun::from_row(&row))
             .transpose()
             .map_err(|err| QueueError::Rejected(format!("unexpected claim row: {err}")))
@@ -205,15 +237,37 @@ impl Queue {
 
     /// Renews the lease. Returns whether cancellation of the run was requested.
     pub async fn heartbeat(&self, lease: Lease) -> Result<bool, QueueError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        let row = client
-            .query_one(&statement, &[&lease.run_id, &lease.token, &self.lease_secs()])
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        self.heartbeat_within(lease, CALL_TIMEOUT).await
+    }
+
+    /// Renews the lease, giving up after `limit` (at most [`CALL_TIMEOUT`]), for callers
+    /// whose lease runs out sooner.
+    pub async fn heartbeat_within(
+        &self,
+        lease: Lease,
+        limit: Duration,
+    ) -> Result<bool, QueueError> {
+        let limit = limit.min(CALL_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + limit;
+        let client = timeout_at(deadline, self.client()).await.map_err(|_| {
+            QueueError::Unavailable(format!(
+                "no pooled connection within {} ms",
+                limit.as_millis()
+            ))
+        })??;
+        let outcome = timeout_at(deadline, async {
+            let statement = client
+                .prepare_cached("SELECT ops.heartbeat_run($1, $2, $3)")
+                .await?;
+            client
+                .query_one(
+                    &statement,
+                    &[&lease.run_id, &lease.token, &self.lease_secs()],
+                )
+                .await
+        })
+        .await;
+        let row = Queue::answer(client, outcome, limit, Some(lease.run_id))?;
         Ok(row.get(0))
     }
 
@@ -225,40 +279,40 @@ impl Queue {
         metadata: &Value,
     ) -> Result<(), QueueError> {
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT 1 FROM ops.finish_run($1, $2, $3, $4)")
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
-        client
-            .execute(
-                &statement,
-                &[&lease.run_id, &status.as_str(), metadata, &lease.token],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        let outcome = timeout(CALL_TIMEOUT, async {
+            let statement = client
+                .prepare_cached("SELECT 1 FROM ops.finish_run($1, $2, $3, $4)")
+                .await?;
+            let params: [&(dyn ToSql + Sync); 4] =
+                [&lease.run_id, &status.as_str(), metadata, &lease.token];
+            client.execute(&statement, &params).await
+        })
+        .await;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 
     /// Hands the run back to the queue without using up an attempt.
     pub async fn release(&self, lease: Lease, reason: &str) -> Result<(), QueueError> {
         let client = self.client().await?;
-        client
-            .execute(
+        let outcome = timeout(
+            CALL_TIMEOUT,
+            client.execute(
                 "SELECT ops.release_run($1, $2, $3)",
                 &[&lease.run_id, &lease.token, &reason],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+            ),
+        )
+        .await;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 
     /// Takes back runs whose leases expired, from any agent.
     pub async fn reap_expired(&self) -> Result<Vec<ReapedRun>, QueueError> {
         let client = self.client().await?;
-        let rows = client
-            .query("SELECT * FROM ops.reap_expired_runs()", &[])
-            .await
-            .map_err(|err| QueueError::from_pg(err, None))?;
+        let query = client.query("SELECT * FROM ops.reap_expired_runs()", &[]);
+        let outcome = timeout(CALL_TIMEOUT, query).await;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
         Ok(rows
             .iter()
             .map(|row| ReapedRun {
@@ -272,21 +326,21 @@ impl Queue {
     /// Records an artifact of a run this agent holds.
     pub async fn add_artifact(&self, lease: Lease, artifact: &Artifact) -> Result<(), QueueError> {
         let client = self.client().await?;
-        client
-            .execute(
-                "SELECT 1 FROM ops.add_artifact($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &lease.run_id,
-                    &artifact.artifact_type,
-                    &artifact.storage_path,
-                    &artifact.digest,
-                    &artifact.size_bytes,
-                    &artifact.metadata,
-                    &lease.token,
-                ],
-            )
-            .await
-            .map_err(|err| QueueError::from_pg(err, Some(lease.run_id)))?;
+        let params: [&(dyn ToSql + Sync); 7] = [
+            &lease.run_id,
+            &artifact.artifact_type,
+            &artifact.storage_path,
+            &artifact.digest,
+            &artifact.size_bytes,
+            &artifact.metadata,
+            &lease.token,
+        ];
+        let insert = client.execute(
+            "SELECT 1 FROM ops.add_artifact($1, $2, $3, $4, $5, $6, $7)",
+            &params,
+        );
+        let outcome = timeout(CALL_TIMEOUT, insert).await;
+        Queue::answer(client, outcome, CALL_TIMEOUT, Some(lease.run_id))?;
         Ok(())
     }
 }

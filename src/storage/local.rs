@@ -1,22 +1,35 @@
-//! The local-directory backend: each key is a file under one root directory.
+//! A directory on the agent's disk.
+//!
+//! A streamed object is written to `<key>.partial` next to its final path and renamed
+//! into place after an fsync, so a reader never sees half an object and a failed write
+//! leaves nothing behind.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::{key_path, ArtifactStore, ByteReader, StorageError, StoredObject};
+use super::{ObjectReader, ObjectStore, StorageError, StoredObject, UploadPart};
 
-/// Copy buffer size: large enough that a multi-gigabyte backup needs few system calls.
-const COPY_BUFFER_BYTES: usize = 256 * 1024;
-
-/// Objects stored as files under `root`, created with mode 0600 because backups hold
-/// whole databases. A write goes to a temporary file next to its target and is renamed
-/// into place once complete and synced, so readers never see a partial object.
-#[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+}
+
+/// Removes a partial file unless disarmed, also when the upload future is dropped.
+struct PartialFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl LocalStore {
@@ -24,287 +37,156 @@ impl LocalStore {
         LocalStore { root }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The file of a key. Keys are relative paths without `..`, checked here so that no
+    /// key can point outside the root.
+    fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
+        let relative = Path::new(key);
+        let safe = !key.is_empty()
+            && relative
+                .components()
+                .all(|part| matches!(part, Component::Normal(_)));
+        if !safe {
+            return Err(self.failed("resolving", key, "key must be a relative path without '..'"));
+        }
+        Ok(self.root.join(relative))
     }
 
-    fn io_error(
-        &self,
-        operation: &'static str,
-        path: &Path,
-        source: std::io::Error,
-    ) -> StorageError {
-        StorageError::Io {
+    fn failed(&self, operation: &'static str, key: &str, message: impl ToString) -> StorageError {
+        StorageError::Failed {
             operation,
-            location: file_location(path),
-            source,
+            location: self.location(key),
+            message: message.to_string(),
         }
     }
 
-    async fn write(&self, key: &str, mut body: ByteReader) -> Result<StoredObject, StorageError> {
-        let target = key_path(&self.root, key)?;
-        let parent = target.parent().expect("a key path has a parent");
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|err| self.io_error("creating directory", parent, err))?;
-
-        let file_name = target.file_name().expect("a key path has a file name");
-        let temporary = parent.join(format!(
-            ".{}.tmp-{}",
-            file_name.to_string_lossy(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        let result = self.copy_into(&temporary, &mut body).await;
-        let (size_bytes, digest) = match result {
-            Ok(written) => written,
-            Err(err) => {
-                let _ = tokio::fs::remove_file(&temporary).await;
-                return Err(err);
-            }
-        };
-        if let Err(err) = tokio::fs::rename(&temporary, &target).await {
-            let _ = tokio::fs::remove_file(&temporary).await;
-            return Err(self.io_error("renaming into", &target, err));
-        }
-        Ok(StoredObject {
-            location: file_location(&target),
-            size_bytes,
-            digest,
-        })
-    }
-
-    /// Copies `body` into a new file at `path` and syncs it; returns its size and digest.
-    async fn copy_into(
+    async fn write_parts(
         &self,
-        path: &Path,
-        body: &mut ByteReader,
-    ) -> Result<(u64, String), StorageError> {
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
+        key: &str,
+        mut parts: mpsc::Receiver<UploadPart>,
+        cancel: CancellationToken,
+    ) -> Result<StoredObject, StorageError> {
+        let path = self.path(key)?;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|err| self.failed("creating the directory for", key, err))?;
+        }
+        let mut partial = PartialFile {
+            path: path.with_extension(format!("{}.partial", extension(&path))),
+            armed: true,
+        };
+        let mut file = tokio::fs::File::create(&partial.path)
             .await
-            .map_err(|err| self.io_error("creating", path, err))?;
-        let mut hasher = Sha256::new();
+            .map_err(|err| self.failed("creating", key, err))?;
         let mut size = 0u64;
-        let mut buffer = vec![0u8; COPY_BUFFER_BYTES];
         loop {
-            let read = body
-                .read(&mut buffer)
-                .await
-                .map_err(|err| self.io_error("reading the source for", path, err))?;
-            if read == 0 {
-                break;
+            let part = tokio::select! {
+                part = parts.recv() => part,
+                _ = cancel.cancelled() => {
+                    return Err(StorageError::Cancelled { location: self.location(key) })
+                }
+            };
+            match part {
+                Some(UploadPart::Data(data)) => {
+                    file.write_all(&data)
+                        .await
+                        .map_err(|err| self.failed("writing", key, err))?;
+                    size += data.len() as u64;
+                }
+                Some(UploadPart::End) => break,
+                None => {
+                    return Err(StorageError::Incomplete {
+                        location: self.location(key),
+                    })
+                }
             }
-            hasher.update(&buffer[..read]);
-            file.write_all(&buffer[..read])
-                .await
-                .map_err(|err| self.io_error("writing", path, err))?;
-            size += read as u64;
         }
         file.sync_all()
             .await
-            .map_err(|err| self.io_error("syncing", path, err))?;
-        Ok((size, format!("sha256:{}", hex::encode(hasher.finalize()))))
+            .map_err(|err| self.failed("syncing", key, err))?;
+        drop(file);
+        tokio::fs::rename(&partial.path, &path)
+            .await
+            .map_err(|err| self.failed("renaming into place", key, err))?;
+        partial.armed = false;
+        Ok(StoredObject {
+            location: self.location(key),
+            size_bytes: size,
+        })
     }
 }
 
-fn file_location(path: &Path) -> String {
-    format!("file://{}", path.display())
+fn extension(path: &Path) -> String {
+    path.extension()
+        .map(|ext| ext.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
-impl ArtifactStore for LocalStore {
+/// Writes to a file gain nothing from larger pieces.
+const LOCAL_PART_SIZE: usize = 8 * 1024 * 1024;
+
+impl ObjectStore for LocalStore {
+    fn part_size(&self, _number: i32) -> usize {
+        LOCAL_PART_SIZE
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("file://{}", self.root.join(key).display())
+    }
+
+    fn key_of(&self, location: &str) -> Option<String> {
+        let path = Path::new(location.strip_prefix("file://")?);
+        let key = path.strip_prefix(&self.root).ok()?;
+        Some(key.to_string_lossy().into_owned())
+    }
+
     fn put_stream<'a>(
         &'a self,
         key: &'a str,
-        body: ByteReader,
+        parts: mpsc::Receiver<UploadPart>,
+        cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<StoredObject, StorageError>> {
-        Box::pin(self.write(key, body))
+        Box::pin(self.write_parts(key, parts, cancel))
     }
 
-    fn put_file<'a>(
+    fn put<'a>(
         &'a self,
         key: &'a str,
-        path: &'a Path,
+        data: Bytes,
     ) -> BoxFuture<'a, Result<StoredObject, StorageError>> {
         Box::pin(async move {
-            let file = tokio::fs::File::open(path)
+            let (tx, rx) = mpsc::channel(2);
+            tx.send(UploadPart::Data(data))
                 .await
-                .map_err(|err| self.io_error("opening", path, err))?;
-            self.write(key, Box::pin(file)).await
+                .expect("receiver is alive");
+            tx.send(UploadPart::End).await.expect("receiver is alive");
+            self.write_parts(key, rx, CancellationToken::new()).await
         })
     }
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ByteReader, StorageError>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectReader, StorageError>> {
         Box::pin(async move {
-            let path = key_path(&self.root, key)?;
+            let path = self.path(key)?;
             match tokio::fs::File::open(&path).await {
-                Ok(file) => Ok(Box::pin(file) as ByteReader),
+                Ok(file) => Ok(Box::pin(file) as ObjectReader),
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                     Err(StorageError::NotFound {
-                        location: file_location(&path),
+                        location: self.location(key),
                     })
                 }
-                Err(err) => Err(self.io_error("opening", &path, err)),
+                Err(err) => Err(self.failed("opening", key, err)),
             }
         })
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
-            let path = key_path(&self.root, key)?;
+            let path = self.path(key)?;
             match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(err) => return Err(self.io_error("deleting", &path, err)),
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(self.failed("deleting", key, err)),
             }
-            self.remove_empty_parents(&path).await;
-            Ok(())
         })
-    }
-
-    fn location(&self, key: &str) -> String {
-        file_location(&self.root.join(key))
-    }
-}
-
-impl LocalStore {
-    /// Removes the directories between `path` and the root that became empty, so deleting
-    /// a run's last object also deletes the run's directory. A directory that is not empty
-    /// stops the walk.
-    async fn remove_empty_parents(&self, path: &Path) {
-        let mut current = path.parent();
-        while let Some(dir) = current {
-            if dir == self.root || !dir.starts_with(&self.root) {
-                break;
-            }
-            if tokio::fs::remove_dir(dir).await.is_err() {
-                break;
-            }
-            current = dir.parent();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store() -> (tempfile::TempDir, LocalStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::new(dir.path().join("artifacts"));
-        (dir, store)
-    }
-
-    async fn read_all(store: &LocalStore, key: &str) -> Vec<u8> {
-        let mut reader = store.get(key).await.unwrap();
-        let mut bytes = Vec::new();
-        reader.read_to_end(&mut bytes).await.unwrap();
-        bytes
-    }
-
-    #[tokio::test]
-    async fn stream_round_trips_with_size_and_digest() {
-        let (_dir, store) = store();
-        let body: ByteReader = Box::pin(&b"hello"[..]);
-        let stored = store.put_stream("run-1/build.log.gz", body).await.unwrap();
-
-        assert_eq!(stored.size_bytes, 5);
-        assert_eq!(
-            stored.digest,
-            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
-        assert!(
-            stored.location.starts_with("file://"),
-            "{}",
-            stored.location
-        );
-        assert!(stored.location.ends_with("/artifacts/run-1/build.log.gz"));
-        assert_eq!(read_all(&store, "run-1/build.log.gz").await, b"hello");
-    }
-
-    #[tokio::test]
-    async fn file_is_copied_and_source_kept() {
-        let (dir, store) = store();
-        let source = dir.path().join("dump");
-        std::fs::write(&source, b"dump bytes").unwrap();
-        let stored = store.put_file("run-2/db.dump", &source).await.unwrap();
-
-        assert_eq!(stored.size_bytes, 10);
-        assert!(source.exists());
-        assert_eq!(read_all(&store, "run-2/db.dump").await, b"dump bytes");
-    }
-
-    #[tokio::test]
-    async fn stored_file_is_private_to_the_owner() {
-        use std::os::unix::fs::PermissionsExt;
-        let (_dir, store) = store();
-        store.put_stream("k/f", Box::pin(&b"x"[..])).await.unwrap();
-        let mode = std::fs::metadata(store.root().join("k/f"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[tokio::test]
-    async fn missing_object_is_not_found() {
-        let (_dir, store) = store();
-        let err = store.get("nothing/here").await.err().unwrap();
-        assert!(matches!(err, StorageError::NotFound { .. }), "{err}");
-    }
-
-    #[tokio::test]
-    async fn delete_removes_object_and_empty_run_directory() {
-        let (_dir, store) = store();
-        store
-            .put_stream("run-3/a", Box::pin(&b"a"[..]))
-            .await
-            .unwrap();
-        store.delete("run-3/a").await.unwrap();
-
-        assert!(!store.root().join("run-3").exists());
-        assert!(store.root().exists());
-        store.delete("run-3/a").await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn failed_source_leaves_no_object_or_temporary_file() {
-        let (_dir, store) = store();
-        let failing = tokio::io::BufReader::new(FailingReader);
-        let err = store
-            .put_stream("run-4/x", Box::pin(failing))
-            .await
-            .unwrap_err();
-
-        assert!(matches!(err, StorageError::Io { .. }), "{err}");
-        let leftovers: Vec<_> = std::fs::read_dir(store.root().join("run-4"))
-            .unwrap()
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
-    }
-
-    #[tokio::test]
-    async fn parent_segment_key_is_rejected() {
-        let (_dir, store) = store();
-        let err = store
-            .put_stream("../escape", Box::pin(&b"x"[..]))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StorageError::InvalidKey { .. }), "{err}");
-        assert!(!store.root().exists());
-    }
-
-    struct FailingReader;
-
-    impl tokio::io::AsyncRead for FailingReader {
-        fn poll_read(
-            self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-            _buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Err(std::io::Error::other("source broke")))
-        }
     }
 }

@@ -1,164 +1,158 @@
-//! The artifact store: where run logs, backups and other files produced by runs are kept.
+//! Object storage for backups and artifacts: a local directory or an S3-compatible bucket.
 //!
-//! Workflows see only the [`ArtifactStore`] trait. Objects are named by a key, a relative
-//! `/`-separated path such as `<run_id>/build.log.gz`; [`ArtifactStore::location`] turns
-//! a key into the address recorded in ops.artifacts.storage_path (`file:///...` for the
-//! local backend). [`open`] builds the backend that the `[storage]` config section selects.
+//! Stores work on keys relative to their root (the directory, or the bucket and prefix)
+//! and describe stored objects by a location: `file:///abs/path` or `s3://bucket/key`.
+//! That location is what ops.backups.db_dump_path records, so a backup stays readable
+//! after the default backend changes, as long as its store is still configured.
 
-mod local;
+pub mod local;
+pub mod s3;
 
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::io::AsyncRead;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{StorageBackend, StorageSettings};
-pub use local::LocalStore;
+use crate::config::storage::{StorageBackend, StorageSettings};
 
-/// A byte stream handed to or returned by a store.
-pub type ByteReader = Pin<Box<dyn AsyncRead + Send>>;
-
-/// Metadata of an object that a store wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredObject {
-    /// The address to record in ops.artifacts.storage_path.
-    pub location: String,
-    pub size_bytes: u64,
-    /// SHA-256 of the stored bytes as `sha256:<hex>`, the form ops.artifacts.digest uses.
-    pub digest: String,
+/// One piece of a streamed object, in order.
+#[derive(Debug)]
+pub enum UploadPart {
+    Data(Bytes),
+    /// Every part was sent: the object may be completed. A stream that closes without
+    /// it is incomplete, and its upload is aborted.
+    End,
 }
 
-/// A failed store operation. Variants name the key or location, never credentials.
+/// A stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub location: String,
+    pub size_bytes: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("invalid storage key {key:?}: {reason}")]
-    InvalidKey { key: String, reason: &'static str },
-    #[error("object {location} not found")]
-    NotFound { location: String },
-    #[error("{operation} {location} failed: {source}")]
-    Io {
-        operation: &'static str,
-        location: String,
-        source: std::io::Error,
-    },
-    /// An error reported by a remote backend such as S3.
     #[error("{operation} {location} failed: {message}")]
-    Backend {
+    Failed {
         operation: &'static str,
         location: String,
         message: String,
     },
+    #[error("{location} was not found")]
+    NotFound { location: String },
+    #[error("upload of {location} was cancelled")]
+    Cancelled { location: String },
+    #[error("upload of {location} stopped before its last part; nothing was stored")]
+    Incomplete { location: String },
+    #[error("no configured store holds {location}")]
+    UnknownLocation { location: String },
 }
 
-/// A place to keep the files that runs produce.
-///
-/// Writes are atomic: a reader sees either no object or the whole object, never a part of
-/// one, and a failed write leaves nothing behind under the key.
-pub trait ArtifactStore: Send + Sync + 'static {
-    /// Stores everything `body` yields under `key`, replacing an existing object.
+/// A stream of an object's bytes.
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// A place to keep objects.
+pub trait ObjectStore: Send + Sync {
+    /// Location of `key` in this store.
+    fn location(&self, key: &str) -> String;
+
+    /// Key of a location in this store, or `None` when it belongs elsewhere.
+    fn key_of(&self, location: &str) -> Option<String>;
+
+    /// Size of part `number` (from 1) for [`ObjectStore::put_stream`]; every part but the
+    /// last must have this size.
+    fn part_size(&self, number: i32) -> usize;
+
+    /// Stores an object from parts received in order. The object appears only after
+    /// [`UploadPart::End`]; on any error, on `cancel`, or when the channel closes early,
+    /// everything written so far is removed and no existing object is touched.
     fn put_stream<'a>(
         &'a self,
         key: &'a str,
-        body: ByteReader,
+        parts: mpsc::Receiver<UploadPart>,
+        cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<StoredObject, StorageError>>;
 
-    /// Stores the file at `path` under `key`, replacing an existing object.
-    fn put_file<'a>(
+    /// Stores a small object in one piece.
+    fn put<'a>(
         &'a self,
         key: &'a str,
-        path: &'a Path,
+        data: Bytes,
     ) -> BoxFuture<'a, Result<StoredObject, StorageError>>;
 
-    /// Opens the object under `key` for reading; [`StorageError::NotFound`] when absent.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ByteReader, StorageError>>;
+    /// Opens an object for reading.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectReader, StorageError>>;
 
-    /// Deletes the object under `key`. Deleting an absent object succeeds.
+    /// Deletes an object; deleting a missing object succeeds.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
-
-    /// Returns the address of `key` as recorded in ops.artifacts.storage_path.
-    fn location(&self, key: &str) -> String;
 }
 
-/// Opens the store that the settings select.
-pub fn open(settings: &StorageSettings) -> Result<Arc<dyn ArtifactStore>, StorageError> {
-    match &settings.backend {
-        StorageBackend::Local { dir } => Ok(Arc::new(LocalStore::new(dir.clone()))),
+/// The configured stores: the default one new objects go to, and any other that may
+/// hold older objects.
+#[derive(Clone)]
+pub struct Stores {
+    pub default: Arc<dyn ObjectStore>,
+    all: Vec<Arc<dyn ObjectStore>>,
+}
+
+impl Stores {
+    pub fn from_settings(settings: &StorageSettings) -> Stores {
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(local::LocalStore::new(settings.local_dir.clone()));
+        let s3: Option<Arc<dyn ObjectStore>> = settings
+            .s3
+            .as_ref()
+            .map(|s3| Arc::new(s3::S3Store::new(s3)) as Arc<dyn ObjectStore>);
+        let default = match (settings.backend, &s3) {
+            (StorageBackend::S3, Some(s3)) => s3.clone(),
+            _ => local.clone(),
+        };
+        let mut all = vec![local];
+        all.extend(s3);
+        Stores { default, all }
+    }
+
+    /// The store holding `location`, and the object's key in it.
+    pub fn resolve(&self, location: &str) -> Result<(Arc<dyn ObjectStore>, String), StorageError> {
+        self.all
+            .iter()
+            .find_map(|store| store.key_of(location).map(|key| (store.clone(), key)))
+            .ok_or_else(|| StorageError::UnknownLocation {
+                location: location.to_string(),
+            })
     }
 }
 
-/// Checks that a key is a relative path of plain names: no empty, `.` or `..` segment, no
-/// leading or trailing `/`, no backslash or control character, at most 1024 bytes (the
-/// S3 limit). Both backends apply it, so a key valid for one is valid for the other.
-pub fn validate_key(key: &str) -> Result<(), StorageError> {
-    let invalid = |reason| StorageError::InvalidKey {
-        key: key.to_string(),
-        reason,
-    };
-    if key.is_empty() || key.len() > 1024 {
-        return Err(invalid("must be 1 to 1024 bytes long"));
-    }
-    if key.chars().any(|c| c.is_control() || c == '\\') {
-        return Err(invalid(
-            "must not contain control characters or backslashes",
-        ));
-    }
-    if key
-        .split('/')
-        .any(|segment| matches!(segment, "" | "." | ".."))
-    {
-        return Err(invalid(
-            "must be a relative path without empty, . or .. segments",
-        ));
-    }
-    Ok(())
+/// A run artifact stored whole, with the digest ops.artifacts records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredArtifact {
+    pub location: String,
+    pub size_bytes: u64,
+    /// SHA-256 of the stored bytes as `sha256:<hex>`.
+    pub digest: String,
 }
 
-/// Joins a validated key to a directory.
-fn key_path(root: &Path, key: &str) -> Result<PathBuf, StorageError> {
-    validate_key(key)?;
-    Ok(root.join(key))
-}
+/// Stores a small artifact (a run's log, a deploy's evidence) in the default store.
+pub async fn put_artifact(
+    settings: &StorageSettings,
+    key: &str,
+    data: Bytes,
+) -> Result<StoredArtifact, StorageError> {
+    use sha2::{Digest, Sha256};
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_log_key_is_valid() {
-        assert!(validate_key("3f2c/build.log.gz").is_ok());
-    }
-
-    #[test]
-    fn keys_escaping_the_root_are_rejected() {
-        for key in [
-            "../etc/passwd",
-            "a/../../b",
-            "/abs",
-            "a//b",
-            "a/",
-            ".",
-            "a/./b",
-            "",
-        ] {
-            let err = validate_key(key).unwrap_err();
-            assert!(
-                matches!(err, StorageError::InvalidKey { .. }),
-                "{key:?}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn control_characters_and_backslashes_are_rejected() {
-        assert!(validate_key("a\nb").is_err());
-        assert!(validate_key("a\\b").is_err());
-    }
-
-    #[test]
-    fn overlong_key_is_rejected() {
-        assert!(validate_key(&"a".repeat(1025)).is_err());
-        assert!(validate_key(&"a".repeat(1024)).is_ok());
-    }
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    let stored = Stores::from_settings(settings)
+        .default
+        .put(key, data)
+        .await?;
+    Ok(StoredArtifact {
+        location: stored.location,
+        size_bytes: stored.size_bytes,
+        digest,
+    })
 }

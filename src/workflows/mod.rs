@@ -5,7 +5,10 @@
 //! finishing) stay in the agent; a workflow only watches `ctx.cancel` and cleans up what
 //! it started when it fires.
 
+pub mod backup;
 pub mod build;
+pub mod deploy;
+pub mod restore;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -131,6 +134,12 @@ impl Workflows {
     pub fn standard() -> Workflows {
         let mut workflows = Workflows::new();
         workflows.register("build", build::BuildWorkflow::new());
+        workflows.register("deploy", deploy::DeployWorkflow);
+        workflows.register("promote", deploy::DeployWorkflow);
+        workflows.register("rollback", deploy::DeployWorkflow);
+        workflows.register("backup", backup::BackupWorkflow);
+        workflows.register("restore", restore::RestoreWorkflow);
+        workflows.register("restore_drill", restore::DrillWorkflow);
         workflows
     }
 }

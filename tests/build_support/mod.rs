@@ -279,7 +279,11 @@ pub async fn remove_images(docker: &Docker, references: &[String]) {
         let _ = docker
             .remove_image(
                 reference,
-                None::<bollard::query_parameters::RemoveImageOptions>,
+                Some(bollard::query_parameters::RemoveImageOptions {
+                    // Untagged parents may be another test's build cache.
+                    noprune: true,
+                    ..Default::default()
+                }),
                 None,
             )
             .await;

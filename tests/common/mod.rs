@@ -3,6 +3,13 @@
 
 #![allow(dead_code)]
 
+pub mod agents;
+pub mod child;
+pub mod proxy;
+pub mod runs;
+pub mod wait;
+pub mod workflows;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -53,7 +60,9 @@ impl TestDb {
         let db = TestDb::empty().await;
         let (mut client, connection) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
         tokio::spawn(connection);
-        odooops_agent::migrate::migrate(&mut client).await.expect("migrating");
+        odooops_agent::migrate::migrate(&mut client)
+            .await
+            .expect("migrating");
         db
     }
 
@@ -80,7 +89,10 @@ impl TestDb {
     /// database.url).
     pub fn settings(&self, toml: &str) -> Arc<Settings> {
         let raw: RawConfig = toml::from_str(toml).expect("test config parses");
-        Arc::new(raw.validate_with(Some(self.url.clone())).expect("test config is valid"))
+        Arc::new(
+            raw.validate_with(Some(self.url.clone()))
+                .expect("test config is valid"),
+        )
     }
 
     /// Registers project `proj` with environments env-dev, env-staging and env-prod.

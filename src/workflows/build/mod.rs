@@ -30,7 +30,6 @@ use serde_json::{json, Value};
 use crate::events::Level;
 use crate::queue::Artifact;
 use crate::source::{GitSha, Workspace};
-use crate::storage::ArtifactStore;
 use crate::workflows::{RunContext, RunResult, StepError, StepResultExt, Workflow};
 
 use self::log::BuildLog;
@@ -60,7 +59,6 @@ async fn run(ctx: &RunContext) -> RunResult {
     let docker = crate::docker::connect(&ctx.settings.docker)
         .await
         .step("docker")?;
-    let store = crate::storage::open(&ctx.settings.storage).step("logs")?;
     let workspace = Workspace::create(&ctx.settings.agent.work_dir, &ctx.run.run_id.to_string())
         .await
         .step("fetch")?;
@@ -76,7 +74,7 @@ async fn run(ctx: &RunContext) -> RunResult {
     if let Err(failure) = &result {
         log.write_only(&failure.to_string()).await;
     }
-    let stored = store_log(ctx, store.as_ref(), log).await;
+    let stored = store_log(ctx, log).await;
     if let Err(err) = workspace.remove().await {
         ctx.events
             .warn(format!("Removing the workspace failed: {err}"))
@@ -113,17 +111,15 @@ async fn plan(ctx: &RunContext) -> Result<Plan, StepError> {
 
 /// Stores the gzipped log and records it as the run's 'logs' artifact. Returns the
 /// storage location.
-async fn store_log(
-    ctx: &RunContext,
-    store: &dyn ArtifactStore,
-    log: BuildLog,
-) -> anyhow::Result<String> {
+async fn store_log(ctx: &RunContext, log: BuildLog) -> anyhow::Result<String> {
     let started = Instant::now();
     let lines = log.lines();
     let path = log.finish().await.context("writing the build log failed")?;
     let key = format!("{}/build.log.gz", ctx.run.run_id);
-    let stored = store
-        .put_file(&key, &path)
+    let data = tokio::fs::read(&path)
+        .await
+        .context("reading the build log failed")?;
+    let stored = crate::storage::put_artifact(&ctx.settings.storage, &key, data.into())
         .await
         .context("storing the build log failed")?;
     let artifact = Artifact {
@@ -145,6 +141,23 @@ async fn store_log(
     Ok(stored.location)
 }
 
+/// Queues the deploy that the branch rules give for the built branch, and records its run
+/// id as `deploy_run_id`.
+async fn queue_deploy(ctx: &RunContext, metadata: &mut Value) -> Result<(), StepError> {
+    let image = metadata
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let deploy = crate::workflows::deploy::queue_deploy_after_build(ctx, &image)
+        .await
+        .step("queue deploy")?;
+    if let (Some(run_id), Value::Object(fields)) = (deploy, metadata) {
+        fields.insert("deploy_run_id".into(), Value::String(run_id.to_string()));
+    }
+    Ok(())
+}
+
 /// Combines the steps' result with the log's: a run whose steps succeeded fails if its
 /// log could not be stored, and a failed run keeps its own error.
 async fn conclude(
@@ -157,6 +170,7 @@ async fn conclude(
             if let Value::Object(fields) = &mut metadata {
                 fields.insert("logs".into(), Value::String(location));
             }
+            queue_deploy(ctx, &mut metadata).await?;
             Ok(metadata)
         }
         (Ok(_), Err(err)) => Err(StepError::new("logs", err)),

@@ -1,0 +1,301 @@
+//! What a run deploys and where: the environment's row, the sha of a deploy, promotion or
+//! rollback, and the environment's deploy history. All of the deploy workflow's SQL is
+//! here.
+
+use anyhow::{anyhow, bail, Context};
+use deadpool_postgres::Pool;
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::workflows::{RunContext, StepError, StepResultExt};
+
+/// Workflows whose successful runs put an image into an environment.
+pub const DEPLOY_WORKFLOWS: &[&str] = &["deploy", "promote", "rollback"];
+
+/// The kind of deploying run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Deploy,
+    Promote,
+    Rollback,
+}
+
+impl Kind {
+    pub fn from_workflow(workflow: &str) -> Option<Kind> {
+        match workflow {
+            "deploy" => Some(Kind::Deploy),
+            "promote" => Some(Kind::Promote),
+            "rollback" => Some(Kind::Rollback),
+            _ => None,
+        }
+    }
+}
+
+/// The environment a run deploys to, with its project's image repository.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub project_id: String,
+    pub env_id: String,
+    pub env_type: String,
+    pub db_name: String,
+    pub config: Value,
+    /// Image repository without a tag, such as ghcr.io/acme/odoo.
+    pub image_repository: Option<String>,
+}
+
+/// A successful deploy, promotion or rollback in the environment's history.
+#[derive(Debug, Clone)]
+pub struct PastDeploy {
+    pub run_id: Uuid,
+    pub git_sha: String,
+    pub workflow: String,
+}
+
+/// What a run puts into the environment.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub git_sha: String,
+    pub image: String,
+    /// For the events: "deploy of abc123", "promotion of abc123 from env-staging", ...
+    pub description: String,
+}
+
+pub async fn load_site(pool: &Pool, project_id: &str, env_id: &str) -> anyhow::Result<Site> {
+    let client = pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
+    let row = client
+        .query_opt(
+            "SELECT e.env_type, e.db_name, e.config, p.image
+               FROM ops.environments e JOIN ops.projects p USING (project_id)
+              WHERE e.env_id = $1 AND e.project_id = $2",
+            &[&env_id, &project_id],
+        )
+        .await
+        .context("reading the environment failed")?
+        .ok_or_else(|| anyhow!("environment {env_id} of project {project_id} not found"))?;
+    Ok(Site {
+        project_id: project_id.to_string(),
+        env_id: env_id.to_string(),
+        env_type: row.get(0),
+        db_name: row.get(1),
+        config: row.get(2),
+        image_repository: row.get(3),
+    })
+}
+
+/// The environment's latest successful deploy other than `exclude`: the rollback query,
+/// restricted to runs that deployed an image.
+pub async fn previous_deploy(
+    pool: &Pool,
+    site: &Site,
+    exclude: Uuid,
+) -> anyhow::Result<Option<PastDeploy>> {
+    let client = pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
+    let row = client
+        .query_opt(
+            "SELECT run_id, git_sha, workflow FROM ops.runs
+              WHERE project_id = $1 AND env_id = $2 AND status = 'success'
+                AND workflow = ANY ($3) AND git_sha IS NOT NULL AND run_id <> $4
+              ORDER BY finished_at DESC NULLS LAST
+              LIMIT 1",
+            &[&site.project_id, &site.env_id, &DEPLOY_WORKFLOWS, &exclude],
+        )
+        .await
+        .context("looking up the previous deploy failed")?;
+    Ok(row.map(|row| PastDeploy {
+        run_id: row.get(0),
+        git_sha: row.get(1),
+        workflow: row.get(2),
+    }))
+}
+
+/// Docker's rule for tags, which a sha becomes: word characters, '.' and '-', at most 128.
+pub fn check_sha(sha: &str) -> anyhow::Result<()> {
+    let mut chars = sha.chars();
+    let first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    let rest = chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if first && rest && sha.len() <= 128 {
+        Ok(())
+    } else {
+        bail!("git_sha {sha:?} cannot be an image tag: expected letters, digits, '_', '.', '-'")
+    }
+}
+
+/// The image of a sha: the project's image repository tagged with the sha.
+pub fn image_for(site: &Site, sha: &str) -> anyhow::Result<String> {
+    let repository = site
+        .image_repository
+        .as_deref()
+        .filter(|repo| !repo.is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "project {} has no image repository (ops.projects.image)",
+                site.project_id
+            )
+        })?;
+    Ok(format!("{repository}:{sha}"))
+}
+
+#[derive(Debug, Deserialize)]
+struct PromoteMetadata {
+    source_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RollbackMetadata {
+    rollback_to: Option<Uuid>,
+    rollback_from: Option<Uuid>,
+}
+
+/// Works out what the run deploys, and rejects a promotion or rollback that the history
+/// does not support.
+pub async fn resolve(ctx: &RunContext, kind: Kind, site: &Site) -> Result<Target, StepError> {
+    let run_sha = ctx.run.git_sha.clone().filter(|sha| !sha.is_empty());
+    let (sha, description) = match kind {
+        Kind::Deploy => {
+            let sha = run_sha.ok_or_else(|| StepError::invalid("a deploy run needs a git_sha"))?;
+            (sha.clone(), format!("deploy of {sha}"))
+        }
+        Kind::Promote => resolve_promotion(ctx, site, run_sha).await?,
+        Kind::Rollback => resolve_rollback(ctx, site, run_sha).await?,
+    };
+    check_sha(&sha).map_err(StepError::invalid)?;
+    let image = image_for(site, &sha).map_err(StepError::invalid)?;
+    Ok(Target {
+        git_sha: sha,
+        image,
+        description,
+    })
+}
+
+async fn resolve_promotion(
+    ctx: &RunContext,
+    site: &Site,
+    run_sha: Option<String>,
+) -> Result<(String, String), StepError> {
+    let metadata: PromoteMetadata = ctx.metadata()?;
+    let source = metadata
+        .source_env
+        .filter(|env| !env.is_empty())
+        .ok_or_else(|| StepError::invalid("a promote run needs metadata.source_env"))?;
+    let sha = run_sha.ok_or_else(|| StepError::invalid("a promote run needs a git_sha"))?;
+
+    let client = ctx.pool().get().await.step("validate")?;
+    let source_env: String = client
+        .query_one(
+            "SELECT ops.resolve_env($1, $2)",
+            &[&site.project_id, &source],
+        )
+        .await
+        .map(|row| row.get(0))
+        .map_err(|err| {
+            StepError::invalid(format!("source_env {source:?}: {}", db_message(&err)))
+        })?;
+    if source_env == site.env_id {
+        return Err(StepError::invalid(format!(
+            "cannot promote from {source_env} into itself"
+        )));
+    }
+    let deployed = client
+        .query_opt(
+            "SELECT run_id FROM ops.runs
+              WHERE project_id = $1 AND env_id = $2 AND git_sha = $3 AND status = 'success'
+                AND workflow = ANY ($4)
+              ORDER BY finished_at DESC NULLS LAST LIMIT 1",
+            &[&site.project_id, &source_env, &sha, &DEPLOY_WORKFLOWS],
+        )
+        .await
+        .step("validate")?;
+    let Some(row) = deployed else {
+        return Err(StepError::invalid(format!(
+            "{sha} was never deployed successfully to {source_env}; only a sha that passed \
+             there can be promoted"
+        )));
+    };
+    let source_run: Uuid = row.get(0);
+    let description = format!("promotion of {sha} from {source_env} (run {source_run})");
+    Ok((sha, description))
+}
+
+async fn resolve_rollback(
+    ctx: &RunContext,
+    site: &Site,
+    run_sha: Option<String>,
+) -> Result<(String, String), StepError> {
+    let metadata: RollbackMetadata = ctx.metadata()?;
+    let to = metadata
+        .rollback_to
+        .ok_or_else(|| StepError::invalid("a rollback run needs metadata.rollback_to"))?;
+    let client = ctx.pool().get().await.step("validate")?;
+    let row = client
+        .query_opt(
+            "SELECT project_id, env_id, status, workflow, git_sha FROM ops.runs WHERE run_id = $1",
+            &[&to],
+        )
+        .await
+        .step("validate")?
+        .ok_or_else(|| StepError::invalid(format!("rollback_to run {to} not found")))?;
+    let (project, env, status, workflow, sha): (String, String, String, String, Option<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+
+    let reject = |reason: String| {
+        Err(StepError::invalid(format!(
+            "cannot roll back to run {to}: {reason}"
+        )))
+    };
+    if project != site.project_id || env != site.env_id {
+        return reject(format!(
+            "it ran in {project}/{env}, not {}/{}",
+            site.project_id, site.env_id
+        ));
+    }
+    if !DEPLOY_WORKFLOWS.contains(&workflow.as_str()) {
+        return reject(format!("it is a {workflow} run, not a deploy"));
+    }
+    if status != "success" {
+        return reject(format!("it finished with status {status}"));
+    }
+    let Some(sha) = sha else {
+        return reject("it has no git_sha".into());
+    };
+    if let Some(run_sha) = run_sha.filter(|run_sha| *run_sha != sha) {
+        return reject(format!("it deployed {sha}, but this run names {run_sha}"));
+    }
+    let from = metadata
+        .rollback_from
+        .map(|id| format!(" from run {id}"))
+        .unwrap_or_default();
+    Ok((sha.clone(), format!("rollback{from} to {sha} (run {to})")))
+}
+
+/// Reviewers the run needed and the distinct reviewers other than its requester who
+/// approved it.
+pub async fn approvals(ctx: &RunContext) -> anyhow::Result<(i32, Vec<String>)> {
+    let client = ctx
+        .pool()
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(ops.run_required_reviewers($1, $2), 0), ops.run_approvers($3)",
+            &[&ctx.run.env_id, &ctx.run.workflow, &ctx.run.run_id],
+        )
+        .await
+        .context("reading the run's approvals failed")?;
+    Ok((row.get(0), row.get(1)))
+}
+
+fn db_message(err: &tokio_postgres::Error) -> String {
+    err.as_db_error()
+        .map(|db| db.message().to_string())
+        .unwrap_or_else(|| err.to_string())
+}
