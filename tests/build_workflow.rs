@@ -86,7 +86,7 @@ impl Harness {
     fn settings(&self, password: Option<&str>, extra: &str) -> Arc<Settings> {
         let admin_url = url_for_database(&common::server_url(), "postgres");
         self.db.settings(&format!(
-            "[agent]\nwork_dir = {work:?}\n\
+            "[agent]\nwork_dir = {work:?}\nworkflows = [\"build\"]\n\
              [storage]\nlocal_dir = {artifacts:?}\n\
              [registry]\nurl = {registry:?}\nusername = {user:?}\npassword = {password:?}\n\
              [build]\ntest_network = \"host\"\ntest_timeout_secs = 60\n\
@@ -569,5 +569,135 @@ async fn unreachable_engine_fails_the_docker_step() {
         "{}",
         outcome.error()
     );
+    harness.assert_nothing_left(&outcome).await;
+}
+
+#[tokio::test]
+async fn context_symlink_leaving_the_repository_fails() {
+    let harness = Harness::new("ctxlink").await;
+    let repo = Repo::create(&[]);
+    let root = repo.dir.path();
+    std::os::unix::fs::symlink("/etc", root.join("ctx")).unwrap();
+    build_support::git(root, &["add", "ctx"]);
+    build_support::git(
+        root,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t.invalid",
+            "commit",
+            "-qm",
+            "link",
+        ],
+    );
+    let sha = build_support::git(root, &["rev-parse", "HEAD"])
+        .trim()
+        .to_string();
+    harness
+        .configure_project(&repo.url(), json!({ "context": "ctx" }))
+        .await;
+
+    let outcome = harness
+        .build(harness.settings(None, ""), &sha, "main")
+        .await;
+    assert_eq!(outcome.status, "failed");
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "build",
+        "{}",
+        outcome.all_events()
+    );
+    assert!(
+        outcome.error().contains("inside the repository"),
+        "{}",
+        outcome.error()
+    );
+    harness.assert_nothing_left(&outcome).await;
+}
+
+/// Creates the sample Odoo-like project's git repository in a new directory, with the
+/// script the demo uses, and returns the directory and the commit sha.
+fn sample_repo() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("repo");
+    let script = common::repo_root().join("scripts/lib/sample-project.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("make_sample_repo")
+        .arg(&target)
+        .output()
+        .expect("running scripts/lib/sample-project.sh");
+    assert!(
+        output.status.success(),
+        "make_sample_repo failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sha = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    (dir, sha)
+}
+
+#[tokio::test]
+async fn sample_project_builds_tests_and_pushes() {
+    let harness = Harness::new("sample").await;
+    let (dir, sha) = sample_repo();
+    let url = dir.path().join("repo").display().to_string();
+    harness.configure_project(&url, json!({})).await;
+
+    let outcome = harness
+        .build(harness.settings(None, ""), &sha, "refs/heads/main")
+        .await;
+    assert_eq!(outcome.status, "success", "{}", outcome.all_events());
+    assert!(outcome.has_event("0 failed, 0 error(s) of 20 tests"));
+    let tags = harness.registry.tags(&harness.image).await;
+    assert!(tags.contains(&sha), "{tags:?}");
+    assert!(tags.contains(&"main-latest".to_string()), "{tags:?}");
+    harness.assert_nothing_left(&outcome).await;
+    harness.cleanup(&outcome).await;
+}
+
+#[tokio::test]
+async fn sample_project_failing_test_fails_the_run() {
+    let harness = Harness::new("samplefail").await;
+    let (dir, _) = sample_repo();
+    let root = dir.path().join("repo");
+    std::fs::write(root.join("fail_tests"), "one test fails\n").unwrap();
+    build_support::git(&root, &["add", "fail_tests"]);
+    build_support::git(
+        &root,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t.invalid",
+            "commit",
+            "-qm",
+            "fail",
+        ],
+    );
+    let sha = build_support::git(&root, &["rev-parse", "HEAD"])
+        .trim()
+        .to_string();
+    harness
+        .configure_project(&root.display().to_string(), json!({}))
+        .await;
+
+    let outcome = harness
+        .build(harness.settings(None, ""), &sha, "main")
+        .await;
+    assert_eq!(outcome.status, "failed");
+    assert_eq!(
+        outcome.metadata["failed_step"],
+        "test",
+        "{}",
+        outcome.all_events()
+    );
+    assert_eq!(outcome.metadata["test_exit_code"], 0);
+    assert!(
+        outcome.error().contains("FAIL: TestSample"),
+        "{}",
+        outcome.error()
+    );
+    assert!(harness.registry.tags(&harness.image).await.is_empty());
     harness.assert_nothing_left(&outcome).await;
 }

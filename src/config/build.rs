@@ -274,6 +274,22 @@ mod tests {
     }
 
     #[test]
+    fn example_config_shows_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let raw: crate::config::RawConfig = toml::from_str(&text).unwrap();
+        let example = raw.build.validate().unwrap();
+        let defaults = build("").unwrap();
+        assert_eq!(example.test_command, defaults.test_command);
+        assert_eq!(example.fetch_timeout, DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(example.build_timeout, DEFAULT_BUILD_TIMEOUT);
+        assert_eq!(example.test_timeout, DEFAULT_TEST_TIMEOUT);
+        assert_eq!(example.push_timeout, DEFAULT_PUSH_TIMEOUT);
+        assert_eq!(example.pull, defaults.pull);
+        assert_eq!(example.test_network, DEFAULT_TEST_NETWORK);
+    }
+
+    #[test]
     fn zero_timeout_is_rejected() {
         let err = build("test_timeout_secs = 0").unwrap_err().to_string();
         assert!(err.contains("build.test_timeout_secs"), "{err}");

@@ -2,8 +2,10 @@
 //! test, push (while the test database is dropped).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bollard::auth::DockerCredentials;
 use bollard::Docker;
 use serde_json::json;
@@ -175,8 +177,9 @@ impl<'a> Build<'a> {
     async fn build(&mut self, commit: String) -> Result<Image, StepError> {
         let project = &self.plan.project;
         let reference = format!("{}:{commit}", self.plan.repository);
+        let context_dir = self.context_dir().await.step("build")?;
         let spec = BuildSpec {
-            context_dir: self.workspace.path().join("source").join(&project.context),
+            context_dir,
             dockerfile: project.dockerfile.clone(),
             tag: reference.clone(),
             // The classic builder adds each label as a step of its own, with a container
@@ -221,6 +224,23 @@ impl<'a> Build<'a> {
             refs,
             built,
         })
+    }
+
+    /// Resolves the context directory, which must stay inside the checkout even when the
+    /// repository makes it a symlink: the archive follows the context directory itself.
+    async fn context_dir(&self) -> anyhow::Result<PathBuf> {
+        let source = self.workspace.path().join("source");
+        let context = &self.plan.project.context;
+        let resolved = tokio::fs::canonicalize(source.join(context))
+            .await
+            .with_context(|| format!("the build context directory {context:?} is missing"))?;
+        let root = tokio::fs::canonicalize(&source)
+            .await
+            .context("resolving the checkout failed")?;
+        if !resolved.starts_with(&root) || !resolved.is_dir() {
+            anyhow::bail!("the build context {context:?} is not a directory inside the repository");
+        }
+        Ok(resolved)
     }
 
     fn labels(&self, commit: &str) -> HashMap<String, String> {
