@@ -390,3 +390,45 @@ async fn container_restart_fails_the_gate_at_once() {
     assert_eq!(metadata["rolled_back_to"], "v1");
     assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
 }
+
+#[tokio::test]
+async fn cancelled_deploy_puts_the_previous_version_back() {
+    let site = Site::new().await;
+    site.configure("env-dev", json!({"health": {"deadline_secs": 60}}))
+        .await;
+    site.image("v1", "healthy").await;
+    site.image("bad", "unhealthy").await;
+    site.deploy("v1").await;
+
+    let run = site
+        .queue("env-dev", "bad", json!({"workflow": "deploy"}))
+        .await;
+    let agent = site.run_agent("lease_secs = 6\nheartbeat_interval_secs = 1\n");
+    let cancel = async {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let client = site.db.client().await;
+        client
+            .execute("SELECT 1 FROM ops.cancel_run($1)", &[&run])
+            .await
+            .unwrap();
+    };
+    let started = Instant::now();
+    tokio::join!(agent, cancel);
+
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "the gate ran on after the cancellation"
+    );
+    assert_eq!(
+        site.run(run).await.0,
+        "cancelled",
+        "{}",
+        site.event_text(run).await
+    );
+    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    let text = site.event_text(run).await;
+    assert!(
+        text.contains("Started the previous container again"),
+        "{text}"
+    );
+}

@@ -202,11 +202,13 @@ impl Site {
             .unwrap();
     }
 
+    /// Builds agent settings for the test. `extra` comes right after the `[agent]` keys, so it
+    /// may add agent keys as well as later sections.
     pub fn settings(&self, extra: &str) -> Arc<Settings> {
         let work_dir = self.work_dir.path().display();
         self.db.settings(&format!(
-            "[agent]\nworker_id = \"deploy-test\"\nwork_dir = \"{work_dir}\"\n\
-             [storage]\nlocal_dir = \"{work_dir}/artifacts\"\n{extra}"
+            "[agent]\nworker_id = \"deploy-test\"\nwork_dir = \"{work_dir}\"\n{extra}\n\
+             [storage]\nlocal_dir = \"{work_dir}/artifacts\"\n"
         ))
     }
 
