@@ -202,8 +202,8 @@ impl Site {
             .unwrap();
     }
 
-    /// Builds agent settings for the test. `extra` comes right after the `[agent]` keys, so it
-    /// may add agent keys as well as later sections.
+    /// Builds agent settings for the test. `extra` comes right after the `[agent]` keys,
+    /// so it may add agent keys as well as later sections.
     pub fn settings(&self, extra: &str) -> Arc<Settings> {
         let work_dir = self.work_dir.path().display();
         self.db.settings(&format!(
