@@ -34,6 +34,8 @@ async fn deploy_starts_labelled_container_that_answers() {
 #[tokio::test]
 async fn second_deploy_keeps_the_first_as_previous() {
     let site = Site::new().await;
+    site.configure("env-dev", json!({"restart_policy": "unless-stopped"}))
+        .await;
     site.image("v1", "healthy").await;
     site.image("v2", "healthy").await;
     site.deploy("v1").await;
@@ -51,6 +53,19 @@ async fn second_deploy_keeps_the_first_as_previous() {
     let (running, labels, _) = site.container_state(&previous).await.unwrap();
     assert!(!running);
     assert_eq!(labels["odooops.sha"], "v1");
+    let inspect = site
+        .docker
+        .inspect_container(&previous, None)
+        .await
+        .unwrap();
+    let policy = inspect
+        .host_config
+        .unwrap()
+        .restart_policy
+        .unwrap()
+        .name
+        .unwrap();
+    assert_eq!(policy, bollard::models::RestartPolicyNameEnum::NO);
 }
 
 #[tokio::test]
@@ -345,4 +360,75 @@ async fn invalid_environment_config_fails_before_docker() {
     assert_eq!(metadata["failed_step"], "validate");
     let error = metadata["error"].as_str().unwrap();
     assert!(error.contains("health.interval_secs"), "{error}");
+}
+
+#[tokio::test]
+async fn container_restart_fails_the_gate_at_once() {
+    let site = Site::new().await;
+    let extra = json!({"restart_policy": "always", "health": {"deadline_secs": 60}});
+    site.configure("env-dev", extra).await;
+    site.image("v1", "healthy").await;
+    site.image("crash", "crash").await;
+    site.deploy("v1").await;
+
+    let started = Instant::now();
+    let run = site.deploy("crash").await;
+
+    let elapsed = started.elapsed().as_secs();
+    let (status, metadata) = site.run(run).await;
+    assert_eq!(status, "failed");
+    let error = metadata["error"].as_str().unwrap();
+    // Between two restarts the engine may report the container as exited or restarting.
+    assert!(
+        error.contains("restarted") || error.contains("exited"),
+        "{error}"
+    );
+    assert!(
+        elapsed < 30,
+        "the gate waited {elapsed} s of its 60 s deadline"
+    );
+    assert_eq!(metadata["rolled_back_to"], "v1");
+    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+}
+
+#[tokio::test]
+async fn cancelled_deploy_puts_the_previous_version_back() {
+    let site = Site::new().await;
+    site.configure("env-dev", json!({"health": {"deadline_secs": 60}}))
+        .await;
+    site.image("v1", "healthy").await;
+    site.image("bad", "unhealthy").await;
+    site.deploy("v1").await;
+
+    let run = site
+        .queue("env-dev", "bad", json!({"workflow": "deploy"}))
+        .await;
+    let agent = site.run_agent("lease_secs = 6\nheartbeat_interval_secs = 1\n");
+    let cancel = async {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let client = site.db.client().await;
+        client
+            .execute("SELECT 1 FROM ops.cancel_run($1)", &[&run])
+            .await
+            .unwrap();
+    };
+    let started = Instant::now();
+    tokio::join!(agent, cancel);
+
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "the gate ran on after the cancellation"
+    );
+    assert_eq!(
+        site.run(run).await.0,
+        "cancelled",
+        "{}",
+        site.event_text(run).await
+    );
+    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    let text = site.event_text(run).await;
+    assert!(
+        text.contains("Started the previous container again"),
+        "{text}"
+    );
 }

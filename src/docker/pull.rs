@@ -9,7 +9,7 @@ use futures_util::TryStreamExt;
 
 use crate::config::RegistryCredentials;
 
-/// Why an image is not available.
+/// Failure to make an image available.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     #[error("inspecting image {image} failed: {source}")]
@@ -25,16 +25,16 @@ pub enum PullError {
     },
 }
 
-/// Where [`ensure_image`] found the image.
+/// Source of the image that [`ensure_image`] made available.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageSource {
     Local,
     Pulled,
 }
 
-/// Returns the registry host of an image reference, following Docker's rule: the first
-/// path component is a host when it contains '.' or ':' or is "localhost"; otherwise the
-/// image is on Docker Hub.
+/// Returns the registry host of an image reference, following Docker's rule. The first
+/// path component is a host when it contains '.' or ':' or is "localhost", and otherwise
+/// the image is on Docker Hub.
 pub fn registry_host(image: &str) -> &str {
     match image.split_once('/') {
         Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
@@ -109,7 +109,7 @@ pub async fn ensure_image(
     Ok(ImageSource::Pulled)
 }
 
-/// Whether a Docker error is a 404 from the engine.
+/// Returns whether a Docker error is a 404 from the engine.
 pub fn is_not_found(err: &bollard::errors::Error) -> bool {
     matches!(
         err,

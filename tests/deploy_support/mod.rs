@@ -72,8 +72,9 @@ async fn build(docker: &Docker, tag: &str, context: Vec<u8>) {
 
 static BASE_IMAGE: OnceCell<String> = OnceCell::const_new();
 
-/// The image every test image builds on: busybox and the fake odoo script. Its tag
-/// depends on the script, so an edited script gets a new image.
+/// Builds, once per test binary, the image every test image starts from: busybox and
+/// the fake odoo script. Its tag depends on the script, so an edited script gets a new
+/// image.
 pub async fn base_image(docker: &Docker) -> String {
     BASE_IMAGE
         .get_or_init(|| async {
@@ -100,7 +101,8 @@ pub async fn base_image(docker: &Docker) -> String {
         .clone()
 }
 
-/// A stable 64-bit FNV-1a hash, enough to tell script versions apart.
+/// Hashes with 64-bit FNV-1a, which is stable across runs and enough to tell script
+/// versions apart.
 fn md5_like(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
@@ -162,7 +164,7 @@ impl Site {
         site
     }
 
-    /// The default test config for an environment merged with `extra`.
+    /// Returns the default test config of an environment merged with `extra`.
     pub fn config(&self, extra: Value) -> Value {
         let mut config = serde_json::json!({
             "container_name": self.name,
@@ -200,11 +202,13 @@ impl Site {
             .unwrap();
     }
 
+    /// Builds agent settings for the test. `extra` comes right after the `[agent]` keys,
+    /// so it may add agent keys as well as later sections.
     pub fn settings(&self, extra: &str) -> Arc<Settings> {
         let work_dir = self.work_dir.path().display();
         self.db.settings(&format!(
-            "[agent]\nworker_id = \"deploy-test\"\nwork_dir = \"{work_dir}\"\n\
-             [storage]\nlocal_dir = \"{work_dir}/artifacts\"\n{extra}"
+            "[agent]\nworker_id = \"deploy-test\"\nwork_dir = \"{work_dir}\"\n{extra}\n\
+             [storage]\nlocal_dir = \"{work_dir}/artifacts\"\n"
         ))
     }
 
@@ -287,7 +291,8 @@ impl Site {
             .collect()
     }
 
-    /// The body of GET path on the environment's port, or None when nothing answers 200.
+    /// Returns the body of GET `path` on the environment's port, or None unless the status
+    /// is 200.
     pub async fn get(&self, path: &str) -> Option<String> {
         http_get(self.port, path).await
     }

@@ -65,7 +65,7 @@ pub async fn queue_deploy_after_build(
     Ok(Some(deploy_id))
 }
 
-/// The deploy run an earlier attempt of this build queued, if any.
+/// Finds the deploy run that an earlier attempt of this build queued.
 async fn deploy_of_build(client: &Object, run: &ClaimedRun) -> anyhow::Result<Option<Uuid>> {
     let row = client
         .query_opt(
@@ -80,7 +80,7 @@ async fn deploy_of_build(client: &Object, run: &ClaimedRun) -> anyhow::Result<Op
     Ok(row.map(|row| row.get(0)))
 }
 
-/// The environment the branch rules deploy `git_ref` to.
+/// Returns the environment that the branch rules deploy `git_ref` to.
 async fn branch_target(
     client: &Object,
     project_id: &str,
@@ -96,7 +96,7 @@ async fn branch_target(
     Ok(row.get(0))
 }
 
-/// Who requested the deploy: the build's requester, or the build itself. Reviewers of a
+/// Names the deploy's requester: the build's requester, or the build itself. Reviewers of a
 /// production deploy cannot be its requester.
 fn requester(run: &ClaimedRun) -> String {
     run.metadata

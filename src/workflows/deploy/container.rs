@@ -1,17 +1,17 @@
 //! The environment's containers: what they look like and how one replaces another.
 //!
 //! The live container is always named `config.container_name`. A deploy stops it and
-//! renames it to `<name>-previous`, so that a rollback to it only renames and starts it
-//! again; the one from the deploy before is removed at that moment. Volumes are never
-//! removed.
+//! renames it to `<name>-previous`, so that a rollback to it only has to rename and start
+//! it again. The container kept from the deploy before is removed at that moment. Volumes
+//! are never removed.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, ContainerUpdateBody, HostConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RenameContainerOptionsBuilder,
@@ -31,7 +31,7 @@ pub const LABEL_RUN: &str = "odooops.run";
 pub const LABEL_SHA: &str = "odooops.sha";
 pub const LABEL_ROLE: &str = "odooops.role";
 
-/// Who a container belongs to, written into its labels.
+/// Owner of a container: project, environment, run and sha, written into its labels.
 #[derive(Debug, Clone)]
 pub struct Labels {
     pub project_id: String,
@@ -63,7 +63,33 @@ fn binds(config: &EnvConfig) -> Vec<String> {
         .collect()
 }
 
-/// The server container of the environment.
+fn restart_policy(name: &str) -> RestartPolicy {
+    let name = match name {
+        "always" => RestartPolicyNameEnum::ALWAYS,
+        "unless-stopped" => RestartPolicyNameEnum::UNLESS_STOPPED,
+        "on-failure" => RestartPolicyNameEnum::ON_FAILURE,
+        _ => RestartPolicyNameEnum::NO,
+    };
+    RestartPolicy {
+        name: Some(name),
+        maximum_retry_count: None,
+    }
+}
+
+/// Sets a container's restart policy. The kept previous container gets "no", so that a
+/// reboot of the droplet does not start it next to the live one on the same ports.
+async fn set_restart_policy(docker: &Docker, name: &str, policy: &str) -> anyhow::Result<()> {
+    let body = ContainerUpdateBody {
+        restart_policy: Some(restart_policy(policy)),
+        ..Default::default()
+    };
+    docker
+        .update_container(name, body)
+        .await
+        .with_context(|| format!("setting the restart policy of container {name} failed"))
+}
+
+/// Builds the create request of the environment's server container.
 pub fn server_body(
     config: &EnvConfig,
     image: &str,
@@ -81,12 +107,6 @@ pub fn server_body(
                 host_port: Some(port.host_port.to_string()),
             });
     }
-    let restart = match config.restart_policy.as_str() {
-        "always" => RestartPolicyNameEnum::ALWAYS,
-        "unless-stopped" => RestartPolicyNameEnum::UNLESS_STOPPED,
-        "on-failure" => RestartPolicyNameEnum::ON_FAILURE,
-        _ => RestartPolicyNameEnum::NO,
-    };
     ContainerCreateBody {
         image: Some(image.to_string()),
         cmd: config.command.clone(),
@@ -97,10 +117,7 @@ pub fn server_body(
         host_config: Some(HostConfig {
             binds: Some(binds(config)),
             port_bindings: Some(port_bindings),
-            restart_policy: Some(RestartPolicy {
-                name: Some(restart),
-                maximum_retry_count: None,
-            }),
+            restart_policy: Some(restart_policy(&config.restart_policy)),
             network_mode: config.network.clone(),
             ..Default::default()
         }),
@@ -108,7 +125,7 @@ pub fn server_body(
     }
 }
 
-/// The arguments of the module update: no HTTP server, no cron threads, stop when done.
+/// Builds the module update's command: no HTTP server, no cron threads, stop when done.
 pub fn update_command(config: &EnvConfig, db_name: &str, modules: &Modules) -> Vec<String> {
     let mut command = config.update_command.clone();
     if config.odoo_config.is_some() {
@@ -126,8 +143,8 @@ pub fn update_command(config: &EnvConfig, db_name: &str, modules: &Modules) -> V
     command
 }
 
-/// The one-off container that updates modules, with the server's volumes and network but
-/// no published ports.
+/// Builds the one-off container that updates modules, with the server's volumes and
+/// network but no published ports.
 pub fn update_spec(request: &UpdateRequest<'_>) -> ContainerSpec {
     let config = request.config;
     let env = request
@@ -183,7 +200,7 @@ pub async fn inspect(
     }
 }
 
-/// The value of one of a container's labels.
+/// Returns the value of one of a container's labels.
 pub fn label(container: &ContainerInspectResponse, key: &str) -> Option<String> {
     container
         .config
@@ -240,14 +257,15 @@ pub async fn retire_live(
     }
     remove_if_present(docker, &config.previous_name()).await?;
     stop(docker, name, config.stop_timeout).await?;
+    set_restart_policy(docker, name, "no").await?;
     rename(docker, name, &config.previous_name()).await?;
     Ok(Some(Retired {
         git_sha: label(&live, LABEL_SHA),
     }))
 }
 
-/// Puts `<name>-previous` back under the live name and starts it, removing whatever holds
-/// the live name. Returns false when there is no previous container.
+/// Puts `<name>-previous` back under the live name and starts it, removing the container
+/// under the live name. Returns false when there is no previous container.
 pub async fn reinstate_previous(docker: &Docker, config: &EnvConfig) -> anyhow::Result<bool> {
     let previous = config.previous_name();
     if inspect(docker, &previous).await?.is_none() {
@@ -255,6 +273,7 @@ pub async fn reinstate_previous(docker: &Docker, config: &EnvConfig) -> anyhow::
     }
     remove_if_present(docker, &config.container_name).await?;
     rename(docker, &previous, &config.container_name).await?;
+    set_restart_policy(docker, &config.container_name, &config.restart_policy).await?;
     docker
         .start_container(&config.container_name, None)
         .await
@@ -280,7 +299,8 @@ pub async fn start_new(
         .with_context(|| format!("starting container {name} failed"))
 }
 
-/// The last `lines` lines of a container's output, for the events of a failed deploy.
+/// Reads the last `lines` lines of a container's output, for the events of a failed
+/// deploy.
 pub async fn tail_logs(docker: &Docker, name: &str, lines: usize) -> Vec<String> {
     let options = LogsOptionsBuilder::default()
         .stdout(true)

@@ -1,4 +1,4 @@
-//! The health gate: probes the new container's health URL until it answers 2xx, the
+//! The health gate: probes the new container's health URL until it returns 2xx, the
 //! deadline passes, or the container exits or restarts.
 //!
 //! Probes are summarized: an event is written when the probe outcome changes (connection
@@ -26,13 +26,13 @@ const HEALTHY: &str = "healthy";
 /// Shortest request timeout, for the last probe before the deadline.
 const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(10);
 
-/// What the gate saw, for the events, the run metadata and the evidence artifact.
+/// Gate result, for the events, the run metadata and the evidence artifact.
 #[derive(Debug, Clone, Serialize)]
 pub struct GateReport {
     pub container: String,
     pub url: String,
     pub healthy: bool,
-    /// Why the gate failed, or "healthy".
+    /// Reason the gate failed, or "healthy".
     pub reason: String,
     pub elapsed_ms: u64,
     pub probes: u32,
@@ -52,7 +52,7 @@ pub struct Transition {
 }
 
 impl GateReport {
-    /// The report for a container that failed to start, so no probe ran.
+    /// Creates the report of a container that failed to start, so no probe ran.
     pub fn not_started(
         container: &str,
         url: &str,
@@ -74,7 +74,7 @@ impl GateReport {
         }
     }
 
-    /// A compact form for run metadata.
+    /// Summarizes the report for run metadata.
     pub fn summary(&self) -> serde_json::Value {
         json!({
             "healthy": self.healthy,
@@ -148,7 +148,7 @@ async fn container_failure(docker: &Docker, name: &str, restarts_before: i64) ->
 /// as a new visitor would.
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Where a gate probes and what it reports to.
+/// Target of a gate run: the container, its URL and settings, and the run's events.
 pub struct Gate<'a> {
     pub docker: &'a Docker,
     pub container: &'a str,

@@ -91,7 +91,7 @@ async fn execute(ctx: &RunContext) -> RunResult {
     deploy.run(&target).await
 }
 
-/// The container's environment as KEY=VALUE. Values may be secrets: they go to Docker
+/// Resolves the container's environment into KEY=VALUE pairs. Values may be secrets: they go to Docker
 /// and nowhere else.
 fn container_env(config: &EnvConfig) -> Result<Vec<String>, env_config::EnvConfigError> {
     config
@@ -128,8 +128,8 @@ async fn check_approvals(ctx: &RunContext) -> Result<(), StepError> {
     Ok(())
 }
 
-/// The login for a registry host: a `[[deploy.registries]]` entry, or else the `[registry]`
-/// section when it is for that host, which is where the build pushes.
+/// Finds the login for a registry host: a `[[deploy.registries]]` entry, or else the
+/// `[registry]` section when it is for that host, which is where the build pushes.
 fn registry_login(settings: &Settings, host: &str) -> Option<RegistryCredentials> {
     if let Some(login) = settings.deploy.credentials_for(host) {
         return Some(login.clone());
@@ -238,7 +238,7 @@ impl Deploy<'_> {
         Ok(())
     }
 
-    /// Runs the module update when the config asks for one. Rollback runs skip it: the
+    /// Runs the module update when the config lists modules. Rollback runs skip it: the
     /// older code cannot update modules that a newer version already migrated.
     async fn update_if_configured(&mut self, target: &Target) -> Result<UpdateOutcome, StepError> {
         let Some(modules) = self.config.update.clone() else {
@@ -291,8 +291,8 @@ impl Deploy<'_> {
         gate.run().await
     }
 
-    /// A gate report for a container that could not even start, so that the automatic
-    /// rollback handles it like an unhealthy one.
+    /// Reports a container that could not even start as a failed gate, so that the
+    /// automatic rollback handles it like an unhealthy one.
     async fn failed_start_report(&self, err: anyhow::Error) -> GateReport {
         let reason = format!("{err:#}");
         self.ctx

@@ -14,7 +14,7 @@ use crate::workflows::StepError;
 /// Output lines of the failed container copied into the events.
 const FAILED_LOG_LINES: usize = 30;
 
-/// The event message that tells the console a deploy was rolled back.
+/// Message of the event by which the console recognizes an automatic rollback.
 pub const ROLLBACK_MESSAGE: &str = "Automatic rollback triggered due to health check failure";
 
 impl Deploy<'_> {

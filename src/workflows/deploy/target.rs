@@ -1,5 +1,5 @@
-//! What a run deploys and where: the environment's row, the sha of a deploy, promotion or
-//! rollback, and the environment's deploy history. All of the deploy workflow's SQL is
+//! The target of a deploying run: the environment's row, the sha of a deploy, promotion
+//! or rollback, and the environment's deploy history. All of the deploy workflow's SQL is
 //! here.
 
 use anyhow::{anyhow, bail, Context};
@@ -52,7 +52,7 @@ pub struct PastDeploy {
     pub workflow: String,
 }
 
-/// What a run puts into the environment.
+/// Sha and image that a run puts into the environment.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub git_sha: String,
@@ -86,7 +86,7 @@ pub async fn load_site(pool: &Pool, project_id: &str, env_id: &str) -> anyhow::R
     })
 }
 
-/// The environment's latest successful deploy other than `exclude`: the rollback query,
+/// Finds the environment's latest successful deploy other than `exclude`: the rollback query,
 /// restricted to runs that deployed an image.
 pub async fn previous_deploy(
     pool: &Pool,
@@ -129,7 +129,7 @@ pub fn check_sha(sha: &str) -> anyhow::Result<()> {
     }
 }
 
-/// The image of a sha: the project's image repository tagged with the sha.
+/// Returns the image of a sha: the project's image repository tagged with the sha.
 pub fn image_for(site: &Site, sha: &str) -> anyhow::Result<String> {
     let repository = site
         .image_repository
@@ -276,7 +276,7 @@ async fn resolve_rollback(
     Ok((sha.clone(), format!("rollback{from} to {sha} (run {to})")))
 }
 
-/// Reviewers the run needed and the distinct reviewers other than its requester who
+/// Returns the reviewers the run needed and the distinct reviewers other than its requester who
 /// approved it.
 pub async fn approvals(ctx: &RunContext) -> anyhow::Result<(i32, Vec<String>)> {
     let client = ctx

@@ -14,7 +14,7 @@ use crate::events::{EventSink, Level};
 /// Error lines quoted in the failure message; the events keep all of them.
 const QUOTED_ERROR_LINES: usize = 5;
 
-/// The level of an Odoo log line ("2024-05-01 10:00:00,123 42 ERROR db logger: ..."),
+/// Returns the level of an Odoo log line ("2024-05-01 10:00:00,123 42 ERROR db logger: ..."),
 /// or `None` for lines in another format, such as traceback lines.
 pub fn odoo_log_level(line: &str) -> Option<&str> {
     let mut fields = line.split_whitespace();
@@ -34,7 +34,7 @@ fn is_failure_line(line: &str) -> bool {
     matches!(odoo_log_level(line), Some("ERROR" | "CRITICAL"))
 }
 
-/// What the update needs besides the environment's config.
+/// Inputs of the update besides the environment's config.
 pub struct UpdateRequest<'a> {
     pub config: &'a EnvConfig,
     pub image: &'a str,
@@ -86,8 +86,8 @@ pub async fn update_modules(
     Ok(())
 }
 
-/// What the update logged: the line count and the ERROR and CRITICAL lines. Every line
-/// is also sent on as an event.
+/// Record of the update's log: the line count and the ERROR and CRITICAL lines. Every
+/// line is also sent on as an event.
 struct UpdateLog {
     events: EventSink,
     lines: u64,

@@ -1,7 +1,7 @@
 //! The container settings of an environment, read from ops.environments.config.
 //!
 //! The config object is shared with other workflows and with keys the console sets
-//! (droplet_id, deploy_url), so unknown top-level keys are ignored; nested objects reject
+//! (droplet_id, deploy_url), so unknown top-level keys are ignored. Nested objects reject
 //! unknown keys to catch typos. docs/environment-config.md documents every key.
 
 mod raw;
@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use crate::secret::Secret;
 
-/// Where Odoo keeps its data directory (filestore/<db_name>, sessions) in the official
+/// Path of Odoo's data directory (filestore/<db_name>, sessions) in the official
 /// image and in the sample project; the data volume is mounted here.
 pub const ODOO_DATA_DIR: &str = "/var/lib/odoo";
-/// Where the environment's Odoo config file is mounted read-only, the path the official
+/// Mount point of the environment's Odoo config file (read-only), the path the official
 /// image's ODOO_RC points to.
 pub const ODOO_CONFIG_TARGET: &str = "/etc/odoo/odoo.conf";
 /// Odoo's default HTTP port (http_port).
@@ -119,7 +119,7 @@ pub enum Modules {
 }
 
 impl Modules {
-    /// The value of Odoo's `-u` option.
+    /// Formats the value of Odoo's `-u` option.
     pub fn argument(&self) -> String {
         match self {
             Modules::All => "all".to_string(),
@@ -142,7 +142,7 @@ pub struct HealthConfig {
 }
 
 impl HealthConfig {
-    /// The URL the gate probes, from `url` or the port published for `port`.
+    /// Returns the URL the gate probes, from `url` or the port published for `port`.
     pub fn probe_url(&self, ports: &[PortSpec]) -> Result<String, EnvConfigError> {
         if let Some(url) = &self.url {
             return Ok(url.clone());
@@ -182,7 +182,7 @@ impl EnvConfig {
         format!("{}-update", self.container_name)
     }
 
-    /// Every mount of a container of this environment, the data volume first.
+    /// Lists every mount of a container of this environment, the data volume first.
     pub fn mounts(&self) -> Vec<Volume> {
         let mut mounts = vec![self.data_volume.clone()];
         mounts.extend(self.volumes.iter().cloned());
