@@ -11,11 +11,13 @@
 //!
 //! Format reference: PKWARE's APPNOTE.TXT, version 6.3.10.
 
+mod parallel;
 mod reader;
 mod writer;
 
+pub use parallel::{ParallelDeflate, BLOCK_SIZE};
 pub use reader::{ArchiveEntry, ArchiveReader};
-pub use writer::{EntryOptions, EntrySummary, EntryWriter, ZipWriter};
+pub use writer::{EntryOptions, EntrySummary, EntryWriter, RawEntryWriter, ZipWriter};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use flate2::read::DeflateDecoder;
 
@@ -23,9 +23,10 @@ pub struct ArchiveEntry {
     offset: u64,
 }
 
-/// A zip archive opened for reading.
+/// A zip archive opened for reading. Each entry is read through a file handle of its
+/// own, so entries can be read at the same time from several threads.
 pub struct ArchiveReader {
-    file: File,
+    path: PathBuf,
     entries: Vec<ArchiveEntry>,
 }
 
@@ -67,7 +68,10 @@ impl ArchiveReader {
         let mut raw = vec![0u8; directory.size as usize];
         file.read_exact(&mut raw)?;
         let entries = parse_directory(&raw, directory.count)?;
-        Ok(ArchiveReader { file, entries })
+        Ok(ArchiveReader {
+            path: path.to_path_buf(),
+            entries,
+        })
     }
 
     pub fn entries(&self) -> &[ArchiveEntry] {
@@ -81,7 +85,7 @@ impl ArchiveReader {
     /// Streams an entry's contents. The reader fails with `InvalidData` at the end of the
     /// entry when its CRC-32 or size differ from the central directory's.
     pub fn open_entry(&self, entry: &ArchiveEntry) -> io::Result<Box<dyn Read + Send>> {
-        let mut file = self.file.try_clone()?;
+        let mut file = File::open(&self.path)?;
         file.seek(SeekFrom::Start(entry.offset))?;
         let mut header = [0u8; 30];
         file.read_exact(&mut header)?;

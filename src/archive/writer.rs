@@ -107,6 +107,25 @@ impl<W: Write> ZipWriter<W> {
         })
     }
 
+    /// Writes the local header of an entry whose compressed data the caller produces
+    /// (with [`super::ParallelDeflate`]); write that data to the returned writer, then
+    /// pass the CRC-32 and size of the uncompressed contents to [`RawEntryWriter::finish`].
+    pub fn start_raw_entry(
+        &mut self,
+        name: &str,
+        options: EntryOptions,
+    ) -> io::Result<RawEntryWriter<'_, W>> {
+        let offset = self.out.written;
+        write_local_header(&mut self.out, name, &options)?;
+        Ok(RawEntryWriter {
+            out: &mut self.out,
+            entries: &mut self.entries,
+            name: name.to_string(),
+            options,
+            offset,
+        })
+    }
+
     /// Writes the central directory and end records, and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
         let directory_offset = self.out.written;
@@ -160,15 +179,71 @@ impl<W: Write> Write for EntryWriter<'_, W> {
 impl<W: Write> EntryWriter<'_, W> {
     /// Ends the entry's data, writes its data descriptor and returns its summary.
     pub fn finish(self) -> io::Result<EntrySummary> {
-        let data_start = self.offset + local_header_len(&self.name, &self.options);
         let out = match self.body {
             Body::Stored(out) => out,
             Body::Deflate(encoder) => encoder.finish()?,
         };
+        let crc32 = self.crc.finalize();
+        let finished = Finished {
+            name: self.name,
+            options: self.options,
+            offset: self.offset,
+        };
+        finished.close(out, self.entries, crc32, self.size)
+    }
+}
+
+/// An entry whose compressed data the caller writes as it is.
+pub struct RawEntryWriter<'a, W: Write> {
+    out: &'a mut Counting<W>,
+    entries: &'a mut Vec<CentralEntry>,
+    name: String,
+    options: EntryOptions,
+    offset: u64,
+}
+
+impl<W: Write> Write for RawEntryWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> RawEntryWriter<'_, W> {
+    /// Ends the entry, given the CRC-32 and size of its uncompressed contents.
+    pub fn finish(self, crc32: u32, size: u64) -> io::Result<EntrySummary> {
+        let finished = Finished {
+            name: self.name,
+            options: self.options,
+            offset: self.offset,
+        };
+        finished.close(self.out, self.entries, crc32, size)
+    }
+}
+
+/// An entry whose data is written, waiting for its data descriptor.
+struct Finished {
+    name: String,
+    options: EntryOptions,
+    offset: u64,
+}
+
+impl Finished {
+    fn close<W: Write>(
+        self,
+        out: &mut Counting<W>,
+        entries: &mut Vec<CentralEntry>,
+        crc32: u32,
+        size: u64,
+    ) -> io::Result<EntrySummary> {
+        let data_start = self.offset + local_header_len(&self.name, &self.options);
         let summary = EntrySummary {
-            crc32: self.crc.finalize(),
+            crc32,
             compressed_size: out.written - data_start,
-            size: self.size,
+            size,
         };
         let too_large = summary.size >= MAX_U32 || summary.compressed_size >= MAX_U32;
         if too_large && !self.options.large {
@@ -181,7 +256,7 @@ impl<W: Write> EntryWriter<'_, W> {
             ));
         }
         write_data_descriptor(out, &summary, self.options.large)?;
-        self.entries.push(CentralEntry {
+        entries.push(CentralEntry {
             name: self.name,
             options: self.options,
             offset: self.offset,

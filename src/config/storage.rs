@@ -15,8 +15,9 @@ pub const DEFAULT_S3_REGION: &str = "us-east-1";
 /// 8 MiB parts keep memory low (a few parts in flight) and allow 80 GB objects at
 /// S3's 10,000-part limit before parts grow.
 pub const DEFAULT_PART_SIZE_MIB: u64 = 8;
-/// Three uploads in flight saturate a droplet's uplink without holding much memory.
-pub const DEFAULT_PARTS_IN_FLIGHT: u64 = 3;
+/// Two uploads in flight keep the uplink busy while the next part is built, and bound
+/// the upload's memory to about four parts (the part being built, one queued, two sent).
+pub const DEFAULT_PARTS_IN_FLIGHT: u64 = 2;
 /// S3 rejects parts under 5 MiB, except the last one.
 pub const MIN_PART_SIZE_MIB: u64 = 5;
 /// S3 rejects parts over 5 GiB; far below that, memory use is the limit.

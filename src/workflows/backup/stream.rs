@@ -5,8 +5,9 @@
 //! same whatever the database size and nothing is staged on disk:
 //!
 //! 1. an async task reads pg_dump's stdout in chunks ([`read_dump`]);
-//! 2. a blocking thread counts rows, compresses and writes the zip, and hashes its
-//!    bytes ([`write_archive`], [`PartSink`]);
+//! 2. a blocking thread counts rows and writes the zip, with the dump deflated in
+//!    blocks on worker threads ([`write_archive`], [`ParallelDeflate`]), and hashes the
+//!    zip's bytes ([`PartSink`]);
 //! 3. the store uploads the parts ([`crate::storage::ObjectStore::put_stream`]).
 //!
 //! When any stage stops, its channels close and the others stop too.
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 
 use super::dump_rows::RowCounter;
 use super::process::Process;
-use crate::archive::{EntryOptions, EntrySummary, Method, ZipWriter};
+use crate::archive::{EntryOptions, EntrySummary, Method, ParallelDeflate, ZipWriter, BLOCK_SIZE};
 use crate::storage::{ObjectStore, UploadPart};
 
 /// pg_dump output is passed on in chunks of about this size.
@@ -252,25 +253,50 @@ fn write_dump(
     now: DateTime<Utc>,
 ) -> anyhow::Result<(EntrySummary, std::collections::BTreeMap<String, u64>)> {
     let mut rows = RowCounter::new();
-    let mut entry = zip.start_entry("dump.sql", options(Method::Deflate, input, now, true))?;
+    let mut crc = crc32fast::Hasher::new();
     let mut size = 0u64;
+    let entry = zip.start_raw_entry("dump.sql", options(Method::Deflate, input, now, true))?;
+    let mut deflate = ParallelDeflate::new(entry, input.compression_level, deflate_threads());
+    let mut block = BytesMut::with_capacity(BLOCK_SIZE);
     loop {
         match dump.blocking_recv() {
             Some(DumpChunk::Data(data)) => {
                 rows.update(&data);
-                entry
-                    .write_all(&data)
-                    .context("writing dump.sql into the archive failed")?;
+                crc.update(&data);
                 size += data.len() as u64;
                 input.progress.dump_bytes.store(size, Ordering::Relaxed);
+                block.extend_from_slice(&data);
+                if block.len() >= BLOCK_SIZE {
+                    deflate
+                        .push(block.split().freeze(), false)
+                        .context("writing dump.sql into the archive failed")?;
+                    block.reserve(BLOCK_SIZE);
+                }
             }
             Some(DumpChunk::End) => break,
             Some(DumpChunk::Failed(message)) => bail!("{message}"),
             None => bail!("pg_dump's output ended without its exit status"),
         }
     }
-    let summary = entry.finish().context("finishing dump.sql failed")?;
+    deflate
+        .push(block.freeze(), true)
+        .context("writing dump.sql into the archive failed")?;
+    let entry = deflate
+        .finish()
+        .context("writing dump.sql into the archive failed")?;
+    let summary = entry
+        .finish(crc.finalize(), size)
+        .context("finishing dump.sql failed")?;
     Ok((summary, rows.finish()))
+}
+
+/// Threads that deflate the dump: one per core, up to four. Compression is the most
+/// expensive stage, and more threads than cores would only compete with pg_dump.
+fn deflate_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|cores| cores.get())
+        .unwrap_or(1)
+        .min(4)
 }
 
 /// Adds every regular file under `root` as `filestore/<relative path>`, in name order.
