@@ -278,6 +278,9 @@ async fn fetch_commit(url: &RepoUrl, sha: &GitSha, dir: &Path) -> Result<String,
         }
     }
     if !fetched {
+        // NOTE: branches and tags only, so an abbreviated sha of a commit reachable only
+        // from other refs (such as refs/pull/N/head) is not found. Submodules and Git LFS
+        // objects are not fetched at all.
         let args = [
             "fetch",
             "--quiet",

@@ -74,6 +74,9 @@ impl TestDatabase {
     }
 
     /// Arguments that point Odoo at this database.
+    // NOTE: the password is an argument because Odoo reads no password from its
+    // environment, so `docker inspect` shows it while the test container exists. It
+    // belongs to a role that owns only this database and is dropped after the tests.
     pub fn odoo_args(&self) -> Vec<String> {
         [
             "--database",
