@@ -6,7 +6,7 @@
 //! descriptor (general purpose flag bit 3) that follows the data with its CRC-32 and
 //! sizes, so the archive can go straight into an upload. Entries whose size is unknown
 //! in advance (the dump) use ZIP64 sizes from the start, as Python's zipfile does when
-//! it streams, so they may exceed 4 GiB; the end records switch to ZIP64 when the
+//! it streams, so they may exceed 4 GiB. The end records switch to ZIP64 when the
 //! archive has more than 65,535 entries or passes 4 GiB.
 //!
 //! Format reference: PKWARE's APPNOTE.TXT, version 6.3.10.

@@ -1,9 +1,9 @@
 //! Deflate on several threads: the input is cut into blocks that worker threads compress
 //! independently, and the results are written in order as one deflate stream.
 //!
-//! Every block but the last ends with a sync flush (an empty stored block), which leaves
+//! Every block but the last ends with a sync flush (an empty stored block). That leaves
 //! the output byte-aligned with no end-of-stream marker, so the blocks concatenate into a
-//! valid stream; the last block ends it. This is how pigz parallelizes gzip, except that
+//! valid stream, which the last block ends. This is how pigz parallelizes gzip, except that
 //! blocks do not share a dictionary, which costs well under 1% of the compressed size
 //! with blocks of a mebibyte.
 

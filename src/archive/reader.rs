@@ -46,7 +46,7 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Where the central directory is and how many entries it lists.
+/// Position, size and entry count of the central directory.
 struct Directory {
     count: u64,
     size: u64,

@@ -116,7 +116,7 @@ fn written_archive_passes_python_zipfile_and_unzip() {
 }
 
 #[test]
-fn archive_with_more_than_65535_entries_uses_zip64_end_records() {
+fn many_entries_use_zip64_end_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("many.zip");
     let file = std::fs::File::create(&path).unwrap();
@@ -196,7 +196,7 @@ fn archive_written_by_python_is_readable() {
 }
 
 #[test]
-fn non_zip_file_is_rejected_with_a_clear_error() {
+fn non_zip_file_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("not.zip");
     std::fs::write(&path, b"plain text, not an archive").unwrap();

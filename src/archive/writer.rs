@@ -9,7 +9,7 @@ use flate2::Compression;
 
 use super::*;
 
-/// How one entry is written.
+/// Options of one entry: compression, time and size class.
 #[derive(Debug, Clone)]
 pub struct EntryOptions {
     pub method: Method,
@@ -20,7 +20,7 @@ pub struct EntryOptions {
     pub large: bool,
 }
 
-/// What the central directory needs about a written entry.
+/// Central directory record of a written entry.
 #[derive(Debug, Clone)]
 struct CentralEntry {
     name: String,
@@ -107,9 +107,9 @@ impl<W: Write> ZipWriter<W> {
         })
     }
 
-    /// Writes the local header of an entry whose compressed data the caller produces
-    /// (with [`super::ParallelDeflate`]); write that data to the returned writer, then
-    /// pass the CRC-32 and size of the uncompressed contents to [`RawEntryWriter::finish`].
+    /// Writes the local header of an entry whose compressed data the caller produces,
+    /// for example with [`super::ParallelDeflate`]. Write that data to the returned
+    /// writer, then pass the uncompressed CRC-32 and size to [`RawEntryWriter::finish`].
     pub fn start_raw_entry(
         &mut self,
         name: &str,
@@ -287,8 +287,8 @@ fn local_header_len(name: &str, options: &EntryOptions) -> u64 {
 }
 
 /// Writes a local header whose CRC and sizes are zero: the data descriptor carries them.
-/// A large entry gets 0xFFFFFFFF sizes and a ZIP64 extra field, which tells readers that
-/// its data descriptor holds 8-byte sizes.
+/// A large entry gets 0xFFFFFFFF sizes and a ZIP64 extra field, which means that its
+/// data descriptor contains 8-byte sizes.
 fn write_local_header(out: &mut impl Write, name: &str, options: &EntryOptions) -> io::Result<()> {
     let (date, time) = dos_date_time(options.modified);
     let size_field: u32 = if options.large { u32::MAX } else { 0 };

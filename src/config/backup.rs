@@ -100,7 +100,7 @@ impl BackupSettings {
     }
 }
 
-/// Where pg_dump and psql run.
+/// Location of pg_dump and psql: the host or a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PgTools {
     /// The host's binaries, from `bin_dir` or the PATH.
@@ -393,7 +393,7 @@ fn parse_owner(key: &str, text: &str) -> Result<(u32, u32), ConfigError> {
     })
 }
 
-/// The schedules of an environment of type `env_type` when none are configured.
+/// Returns the schedules of an environment of type `env_type` when none are configured.
 pub fn default_schedules(env_type: &str) -> Vec<BackupSchedule> {
     if env_type == "dev" {
         return Vec::new();

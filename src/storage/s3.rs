@@ -381,6 +381,8 @@ impl ObjectStore for S3Store {
             .map(str::to_string)
     }
 
+    // NOTE: dropping the returned future instead of firing `cancel` skips the abort,
+    // which leaves the upload's parts in the bucket until a lifecycle rule removes them.
     fn put_stream<'a>(
         &'a self,
         key: &'a str,

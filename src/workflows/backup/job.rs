@@ -25,7 +25,7 @@ use crate::workflows::RunContext;
 /// How often a running backup reports its progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
 
-/// Where progress messages go: the run's events, or stdout for a command.
+/// Destination of progress messages: the run's events, or stdout for a command.
 #[derive(Clone)]
 pub enum Reporter {
     Events(EventSink),
@@ -50,7 +50,7 @@ impl Reporter {
     }
 }
 
-/// What a backup or restore works with.
+/// Context of a backup or restore: database pool, settings, reporter, cancellation.
 #[derive(Clone)]
 pub struct Job {
     pub pool: Pool,
@@ -71,8 +71,8 @@ impl Job {
         }
     }
 
-    /// The pg_dump/psql runner for an environment, connecting to Docker when its tools
-    /// run in a container.
+    /// Builds the pg_dump/psql runner for an environment, connecting to Docker when its
+    /// tools run in a container.
     pub async fn pg_runner(&self, env_id: &str) -> anyhow::Result<PgRunner> {
         let env_settings = self.settings.backup.for_env(env_id);
         let docker = match env_settings.pg.tools {
@@ -99,6 +99,7 @@ impl Job {
             ))
             .await;
         let outcome = self.stream_backup(env, backup_id, backup_type).await;
+
         let elapsed = started.elapsed().as_secs_f64();
         let (object, summary) = match outcome {
             Ok(done) => done,
@@ -111,6 +112,7 @@ impl Job {
                 return Err(err);
             }
         };
+
         let retention = &self.settings.backup.for_env(&env.env_id).retention;
         let keep_for = match backup_type {
             "manual" => Some(retention.manual),
@@ -203,8 +205,8 @@ impl Job {
         Ok((object, summary))
     }
 
-    /// The environment's filestore directory, or `None` (with a warning) when it does
-    /// not exist.
+    /// Returns the environment's filestore directory, or `None` (with a warning) when it
+    /// does not exist.
     async fn filestore_dir(
         &self,
         env_settings: &EnvBackupSettings,
@@ -252,7 +254,7 @@ impl Job {
     }
 }
 
-/// The error that explains a failed backup. An upload that stopped because the archive
+/// Picks the error that explains a failed backup. An upload that stopped because the archive
 /// stopped reports the archive's error (pg_dump failing, a filestore file unreadable);
 /// an archive that stopped because the upload failed reports the upload's error.
 fn pick_error(

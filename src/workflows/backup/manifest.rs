@@ -17,7 +17,7 @@ use super::records::EnvironmentRow;
 /// Version of the layout under the `odooops` key.
 pub const MANIFEST_FORMAT: u32 = 1;
 
-/// The manifest before the dump: everything but sizes, checksums and row counts.
+/// Builds the manifest before the dump: everything but sizes, checksums and row counts.
 pub async fn start_manifest(
     pg: &PgRunner,
     env: &EnvironmentRow,

@@ -188,6 +188,9 @@ impl PgRunner {
 
 /// Starts `program` in a running container through the exec API. `env` contains
 /// `NAME=value` strings for the program's environment.
+///
+/// NOTE: the test suite runs the tools on the host only (no PostgreSQL image was
+/// available offline), so this path and closing an exec's stdin are untested.
 pub async fn spawn_exec(
     docker: Docker,
     container: &str,
@@ -366,8 +369,10 @@ impl Process {
         })
     }
 
-    /// Stops the program: kills a host process; an exec'd process ends when its
-    /// connection closes, which dropping it does.
+    /// Stops the program. A host process is killed.
+    ///
+    /// NOTE: the exec API cannot signal a process, so an exec'd pg_dump only stops when
+    /// a write to its closed output fails, and an exec'd psql when its stdin closes.
     pub async fn kill(self) {
         match self.exit {
             Exit::Host(mut child, collector) => {
