@@ -261,6 +261,9 @@ $$;
 -- an hour is for callers that claim with p_worker_id alone and never renew, such as a CI
 -- job that builds for many minutes and then calls finish_run: a shorter lease would have
 -- the run reaped and executed a second time while the job is still working on it.
+-- PL/pgSQL rather than SQL: a SQL function whose body modifies data is never inlined, and
+-- PostgreSQL 15 plans its body again on every call, which cost about as much as running
+-- it. PL/pgSQL keeps the plan for the rest of the session.
 CREATE FUNCTION ops.claim_next_run(
     p_worker_id text,
     p_env_ids text[] DEFAULT NULL,
@@ -397,8 +400,10 @@ END;
 $$;
 
 -- Ends a run and merges p_metadata into its metadata. With p_lease_token, the caller must
--- hold the run's lease (agents); without it (CI jobs, the console), a queued or running
--- run is finished as asked. A finished run is never finished again.
+-- hold the run's lease (agents); without it (CI jobs, the console), a run that has not
+-- finished is finished as asked. A finished run is never finished again.
+--
+-- The common case is one UPDATE; the run is read again only to say why nothing matched.
 CREATE FUNCTION ops.finish_run(
     p_run_id uuid,
     p_status text,
@@ -407,7 +412,7 @@ CREATE FUNCTION ops.finish_run(
 ) RETURNS SETOF ops.runs
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_run ops.runs;
+    v_status text;
 BEGIN
     IF p_status IS NULL OR p_status NOT IN ('success', 'failed', 'cancelled') THEN
         RAISE EXCEPTION 'invalid final status %: expected success, failed or cancelled',
@@ -418,29 +423,32 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
 
-    SELECT * INTO v_run FROM ops.runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
+    RETURN QUERY
+        UPDATE ops.runs r
+           SET status = p_status,
+               finished_at = now(),
+               metadata = r.metadata || coalesce(p_metadata, '{}'),
+               lease_token = NULL,
+               lease_expires_at = NULL
+         WHERE r.run_id = p_run_id
+           AND r.status NOT IN ('success', 'failed', 'cancelled')
+           AND (p_lease_token IS NULL
+                OR (r.status = 'running' AND r.lease_token = p_lease_token))
+        RETURNING r.*;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+
+    SELECT r.status INTO v_status FROM ops.runs r WHERE r.run_id = p_run_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % does not exist', p_run_id USING ERRCODE = 'OPN01';
     END IF;
-    IF p_lease_token IS NOT NULL
-       AND (v_run.status <> 'running' OR v_run.lease_token IS DISTINCT FROM p_lease_token) THEN
+    IF p_lease_token IS NOT NULL THEN
         RAISE EXCEPTION 'lease on run % is no longer held by this worker', p_run_id
             USING ERRCODE = 'OPL01';
     END IF;
-    IF v_run.status IN ('success', 'failed', 'cancelled') THEN
-        RAISE EXCEPTION 'run % already finished with status %', p_run_id, v_run.status
-            USING ERRCODE = '55000';
-    END IF;
-
-    RETURN QUERY
-        UPDATE ops.runs
-           SET status = p_status,
-               finished_at = now(),
-               metadata = metadata || coalesce(p_metadata, '{}'),
-               lease_token = NULL,
-               lease_expires_at = NULL
-         WHERE run_id = p_run_id
-        RETURNING *;
+    RAISE EXCEPTION 'run % already finished with status %', p_run_id, v_status
+        USING ERRCODE = '55000';
 END;
 $$;
 
