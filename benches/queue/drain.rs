@@ -55,7 +55,9 @@ pub async fn queue_loop(server: &str, runs: usize, claimers: usize) -> anyhow::R
         let queue = queue.clone();
         tasks.spawn(async move {
             while let Some(run) = queue.claim().await? {
-                queue.finish(run.lease, FinalStatus::Success, &json!({})).await?;
+                queue
+                    .finish(run.lease, FinalStatus::Success, &json!({}))
+                    .await?;
             }
             anyhow::Ok(())
         });
@@ -121,4 +123,3 @@ async fn check_drained(client: &Client, runs: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
-

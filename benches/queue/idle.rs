@@ -113,7 +113,10 @@ fn status_field(status: &str, name: &str) -> anyhow::Result<u64> {
         .lines()
         .find(|line| line.starts_with(&format!("{name}:")))
         .with_context(|| format!("/proc status has no {name}"))?;
-    let value = line[name.len() + 1..].split_whitespace().next().unwrap_or("");
+    let value = line[name.len() + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("");
     value
         .parse()
         .with_context(|| format!("/proc status {name} is {value:?}"))

@@ -80,7 +80,10 @@ async fn claim_fresh_run(client: &Client, queue: &Queue) -> anyhow::Result<Lease
     client
         .execute("SELECT 1 FROM ops.queue_run('proj', 'env-dev')", &[])
         .await?;
-    let run = queue.claim().await?.context("the queued run was not claimable")?;
+    let run = queue
+        .claim()
+        .await?
+        .context("the queued run was not claimable")?;
     Ok(run.lease)
 }
 
@@ -115,7 +118,11 @@ async fn through_sink(
     }
     let outcome = sink.flush().await;
     let elapsed = started.elapsed();
-    if outcome != (FlushOutcome::Flushed { written: lines as u64 }) {
+    if outcome
+        != (FlushOutcome::Flushed {
+            written: lines as u64,
+        })
+    {
         bail!("event sink reported {outcome:?} after {lines} lines");
     }
     check_stored(client, lease.run_id, lines).await?;
@@ -133,7 +140,12 @@ fn copy_rows(run_id: Uuid, lines: usize) -> Vec<u8> {
     rows
 }
 
-async fn through_copy(url: &str, client: &Client, run_id: Uuid, lines: usize) -> anyhow::Result<f64> {
+async fn through_copy(
+    url: &str,
+    client: &Client,
+    run_id: Uuid,
+    lines: usize,
+) -> anyhow::Result<f64> {
     let mut data = tempfile::NamedTempFile::new()?;
     data.write_all(&copy_rows(run_id, lines))?;
     data.flush()?;
@@ -144,7 +156,9 @@ async fn through_copy(url: &str, client: &Client, run_id: Uuid, lines: usize) ->
         let started = Instant::now();
         let output = Command::new("psql")
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-c"])
-            .arg("COPY ops.run_events (run_id, seq, level, message, payload, created_at) FROM STDIN")
+            .arg(
+                "COPY ops.run_events (run_id, seq, level, message, payload, created_at) FROM STDIN",
+            )
             .stdin(Stdio::from(input))
             .output()
             .context("running psql failed; install the PostgreSQL client")?;

@@ -77,7 +77,10 @@ impl Scale {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // cargo bench passes --bench; every other argument selects benchmarks.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let quick = args.iter().any(|arg| arg == "quick");
     let mut selected: Vec<&str> = Vec::new();
     for arg in args.iter().filter(|arg| *arg != "quick") {
@@ -115,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
     println!();
     report::print_table(&figures);
     // Other work on the machine shows up in every figure; the load says how much there was.
-    println!("\nload average (1 min) before -> after: {}", loads.join(", "));
+    println!(
+        "\nload average (1 min) before -> after: {}",
+        loads.join(", ")
+    );
     Ok(())
 }
 
@@ -132,7 +138,11 @@ async fn latency_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figu
     let per_round = count.div_ceil(scale.rounds);
     let (mut ours, mut theirs, mut version) = (Vec::new(), Vec::new(), String::new());
     for _ in 0..scale.rounds {
-        ours.extend_from_slice(latency::ours(server, per_round, warmup, gap).await?.values());
+        ours.extend_from_slice(
+            latency::ours(server, per_round, warmup, gap)
+                .await?
+                .values(),
+        );
         let gap_ms = gap.as_millis() as u64;
         let (samples, found) = graphile::latency(server, per_round, warmup, gap_ms).await?;
         theirs.extend_from_slice(samples.values());
@@ -154,15 +164,23 @@ async fn latency_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figu
 async fn claim_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figure>> {
     let sizes = &scale.history_sizes;
     let found = claim::ours(server, sizes, scale.claims_per_size).await?;
-    let baseline = found.first().map_or(f64::NAN, |f| f.samples.percentile(50.0));
+    let baseline = found
+        .first()
+        .map_or(f64::NAN, |f| f.samples.percentile(50.0));
     Ok(found
         .iter()
         .map(|figure| {
-            let (p50, p99) = (figure.samples.percentile(50.0), figure.samples.percentile(99.0));
+            let (p50, p99) = (
+                figure.samples.percentile(50.0),
+                figure.samples.percentile(99.0),
+            );
             // Flat: within half again of the claim time on an empty history.
             let met = p50 < 1.0 && p50 <= baseline * 1.5;
             Figure::new(
-                format!("claim with {} finished runs", group_thousands(figure.history)),
+                format!(
+                    "claim with {} finished runs",
+                    group_thousands(figure.history)
+                ),
                 format!("p50 {}, p99 {}", ms(p50), ms(p99)),
             )
             .reference(format!(
@@ -176,13 +194,8 @@ async fn claim_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figure
 }
 
 async fn ingest_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figure>> {
-    let found = ingest::measure(
-        server,
-        scale.ingest_lines,
-        scale.rounds,
-        scale.insert_lines,
-    )
-    .await?;
+    let found =
+        ingest::measure(server, scale.ingest_lines, scale.rounds, scale.insert_lines).await?;
     let lines = group_thousands(found.lines as u64);
     let ratio = found.sink / found.copy;
     Ok(vec![
@@ -190,7 +203,10 @@ async fn ingest_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figur
             format!("event ingest, {lines} lines, EventSink"),
             rate(found.sink, "lines"),
         )
-        .reference(format!("psql COPY: {} ({ratio:.2}x)", rate(found.copy, "lines")))
+        .reference(format!(
+            "psql COPY: {} ({ratio:.2}x)",
+            rate(found.copy, "lines")
+        ))
         .target("at least 0.7x COPY, no line lost", ratio >= 0.7),
         Figure::new(
             format!(
@@ -199,7 +215,10 @@ async fn ingest_figures(server: &str, scale: &Scale) -> anyhow::Result<Vec<Figur
             ),
             rate(found.insert, "lines"),
         )
-        .reference(format!("median of {} rounds for the two above", found.rounds)),
+        .reference(format!(
+            "median of {} rounds for the two above",
+            found.rounds
+        )),
     ])
 }
 
