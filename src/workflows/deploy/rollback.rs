@@ -120,7 +120,7 @@ impl Deploy<'_> {
     ) -> anyhow::Result<GateReport> {
         container::remove_if_present(&self.docker, &self.config.container_name).await?;
         if update.ran {
-            hooks::restore_before_rollback(self.ctx, &self.site, update.backup.as_ref()).await?;
+            hooks::restore_before_rollback(self.ctx, &self.site, update.backup.as_ref()).await;
         }
 
         let kept = container::inspect(&self.docker, &self.config.previous_name()).await?;
