@@ -375,7 +375,7 @@ async fn remove_container(docker: &Docker, name: &str) {
     let _ = docker.remove_container(name, Some(options)).await;
 }
 
-/// Removes the test's containers, volume and images.
+/// Removes the test's containers, volumes and images.
 async fn clean_up(name: String, repo: String) {
     let docker = docker().await;
     let filters = HashMap::from([("name".to_string(), vec![name.clone()])]);
@@ -392,10 +392,19 @@ async fn clean_up(name: String, repo: String) {
             remove_container(&docker, &id).await;
         }
     }
-    let options = RemoveVolumeOptionsBuilder::default().force(true).build();
-    let _ = docker
-        .remove_volume(&format!("{name}-data"), Some(options))
-        .await;
+    let filters = HashMap::from([("name".to_string(), vec![name.clone()])]);
+    let options = bollard::query_parameters::ListVolumesOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let volumes = docker.list_volumes(Some(options)).await.ok();
+    let found = volumes.and_then(|list| list.volumes).unwrap_or_default();
+    for volume in found
+        .into_iter()
+        .filter(|volume| volume.name.starts_with(&name))
+    {
+        let options = RemoveVolumeOptionsBuilder::default().force(true).build();
+        let _ = docker.remove_volume(&volume.name, Some(options)).await;
+    }
     let images = docker
         .list_images(None::<bollard::query_parameters::ListImagesOptions>)
         .await
