@@ -163,9 +163,37 @@ impl Settings {
     pub fn from_toml(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: err.to_string(),
+            message: parse_error_message(text, &err),
         })?;
         raw.validate()
+    }
+}
+
+/// Words in a config line that mark its value as a secret.
+const SECRET_MARKERS: &[&str] = &["password", "secret", "url", "token", "key"];
+
+/// Describes a TOML error by line, column and reason, without the file's text: the
+/// offending line may hold a secret. When it does, the reason (which can quote the
+/// value) is left out too.
+fn parse_error_message(text: &str, err: &toml::de::Error) -> String {
+    let Some(span) = err.span() else {
+        return err.message().to_string();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_number = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line = text
+        .lines()
+        .nth(line_number - 1)
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if SECRET_MARKERS.iter().any(|marker| line.contains(marker)) {
+        format!(
+            "line {line_number}, column {column}: invalid entry (not shown because the line \
+             may hold a secret; check its key, quoting and type)"
+        )
+    } else {
+        format!("line {line_number}, column {column}: {}", err.message())
     }
 }
 

@@ -105,3 +105,31 @@ fn example_config_is_valid() {
     assert_eq!(settings.agent.poll_interval, DEFAULT_POLL_INTERVAL);
     assert_eq!(settings.database.pool_size, DEFAULT_POOL_SIZE);
 }
+
+#[test]
+fn parse_error_does_not_echo_a_secret_line() {
+    let text = "[registry]\npasword = \"registry-test-password\"\n";
+    let err = Settings::from_toml(text, Path::new("agent.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 2"), "{err}");
+    assert!(!err.contains("registry-test-password"), "{err}");
+}
+
+#[test]
+fn unquoted_database_url_is_not_echoed() {
+    let text = "[database]\nurl = postgres://u:dbsecretpw@127.0.0.1/x\n";
+    let err = Settings::from_toml(text, Path::new("agent.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("dbsecretpw"), "{err}");
+}
+
+#[test]
+fn parse_error_names_an_unknown_key() {
+    let text = "[agent]\nconcurency = 2\n";
+    let err = Settings::from_toml(text, Path::new("agent.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("concurency"), "{err}");
+}

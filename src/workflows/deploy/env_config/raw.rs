@@ -170,12 +170,48 @@ fn check_volume_source(key: &str, source: &str) -> Result<(), EnvConfigError> {
                 "a bind mount path must not contain '..'",
             ));
         }
+        if let Some(root) = host_path_denied(source) {
+            return Err(invalid(
+                key,
+                source,
+                format!("bind mounts of {root} would give the container control of the host"),
+            ));
+        }
         return Ok(());
     }
     check_docker_name(key, source).map_err(|mut err| {
         err.reason = "expected a volume name or an absolute host path".into();
         err
     })
+}
+
+/// Host paths that no environment may bind-mount: the root, the Docker socket and
+/// engine state, and the system's own directories.
+// NOTE: this is a deny list. Whoever can write ops.environments.config can still mount
+// other host paths (for example /home); an allow list of bind roots in the agent's own
+// config would close that.
+const DENIED_BIND_ROOTS: &[&str] = &[
+    "/boot",
+    "/dev",
+    "/etc",
+    "/proc",
+    "/root",
+    "/run",
+    "/sys",
+    "/usr",
+    "/var/lib/docker",
+    "/var/run",
+];
+
+fn host_path_denied(source: &str) -> Option<&'static str> {
+    let path = source.trim_end_matches('/');
+    if path.is_empty() || path == "/." {
+        return Some("/");
+    }
+    DENIED_BIND_ROOTS
+        .iter()
+        .find(|root| path == **root || path.starts_with(&format!("{root}/")))
+        .copied()
 }
 
 fn parse_port(raw: RawPort) -> Result<PortSpec, EnvConfigError> {

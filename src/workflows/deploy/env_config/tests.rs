@@ -195,3 +195,24 @@ fn unknown_restart_policy_is_rejected() {
         .to_string();
     assert!(err.contains("restart_policy"), "{err}");
 }
+
+#[test]
+fn host_system_paths_cannot_be_bind_mounted() {
+    for source in [
+        "/",
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "/etc",
+        "/proc/1",
+    ] {
+        let config = json!({ "volumes": [{ "source": source, "target": "/mnt/x" }] });
+        let err = parse(config).unwrap_err();
+        assert_eq!(err.key, "volumes[0].source", "{source}");
+    }
+}
+
+#[test]
+fn data_directories_can_be_bind_mounted() {
+    let config = json!({ "volumes": [{ "source": "/srv/odoo/addons", "target": "/mnt/x" }] });
+    assert!(parse(config).is_ok());
+}
