@@ -29,7 +29,7 @@ pub struct IngestFigures {
     pub insert: f64,
 }
 
-/// A short line of build output, about 70 bytes.
+/// Formats a short line of build output, about 70 bytes.
 fn line(index: usize) -> String {
     format!("{index:>7} | Step 12/40 : RUN pip install --no-cache-dir -r requirements.txt")
 }
@@ -80,11 +80,14 @@ async fn claim_fresh_run(client: &Client, queue: &Queue) -> anyhow::Result<Lease
     client
         .execute("SELECT 1 FROM ops.queue_run('proj', 'env-dev')", &[])
         .await?;
-    let run = queue.claim().await?.context("the queued run was not claimable")?;
+    let run = queue
+        .claim()
+        .await?
+        .context("the queued run was not claimable")?;
     Ok(run.lease)
 }
 
-/// Checks that the run holds exactly `lines` events numbered 1 to `lines`.
+/// Checks that the run contains exactly `lines` events numbered 1 to `lines`.
 async fn check_stored(client: &Client, run_id: Uuid, lines: usize) -> anyhow::Result<()> {
     let row = client
         .query_one(
@@ -115,7 +118,11 @@ async fn through_sink(
     }
     let outcome = sink.flush().await;
     let elapsed = started.elapsed();
-    if outcome != (FlushOutcome::Flushed { written: lines as u64 }) {
+    if outcome
+        != (FlushOutcome::Flushed {
+            written: lines as u64,
+        })
+    {
         bail!("event sink reported {outcome:?} after {lines} lines");
     }
     check_stored(client, lease.run_id, lines).await?;
@@ -133,7 +140,12 @@ fn copy_rows(run_id: Uuid, lines: usize) -> Vec<u8> {
     rows
 }
 
-async fn through_copy(url: &str, client: &Client, run_id: Uuid, lines: usize) -> anyhow::Result<f64> {
+async fn through_copy(
+    url: &str,
+    client: &Client,
+    run_id: Uuid,
+    lines: usize,
+) -> anyhow::Result<f64> {
     let mut data = tempfile::NamedTempFile::new()?;
     data.write_all(&copy_rows(run_id, lines))?;
     data.flush()?;
@@ -144,7 +156,9 @@ async fn through_copy(url: &str, client: &Client, run_id: Uuid, lines: usize) ->
         let started = Instant::now();
         let output = Command::new("psql")
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-c"])
-            .arg("COPY ops.run_events (run_id, seq, level, message, payload, created_at) FROM STDIN")
+            .arg(
+                "COPY ops.run_events (run_id, seq, level, message, payload, created_at) FROM STDIN",
+            )
             .stdin(Stdio::from(input))
             .output()
             .context("running psql failed; install the PostgreSQL client")?;
@@ -161,7 +175,7 @@ async fn through_copy(url: &str, client: &Client, run_id: Uuid, lines: usize) ->
     Ok(lines as f64 / elapsed.as_secs_f64())
 }
 
-/// One autocommitted INSERT per line, the way a naive log shipper writes.
+/// Writes one autocommitted INSERT per line, the way a naive log shipper does.
 async fn one_insert_per_line(client: &Client, run_id: Uuid, lines: usize) -> anyhow::Result<f64> {
     let insert = client
         .prepare(

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::support::{millis_between, BenchDb, Samples};
 
-/// Longest wait for one run to start; the agent's 5 s fallback poll is well within it.
+/// Maximum wait for one run to start; the agent's 5 s fallback poll is well within it.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A workflow that sends the instant it was called and succeeds at once.
@@ -41,9 +41,19 @@ pub async fn ours(
     let settings = db.settings("[agent]\nworker_id = \"bench-latency\"\nconcurrency = 1\n")?;
     let (started_tx, mut started_rx) = mpsc::unbounded_channel();
     let mut workflows = Workflows::new();
-    workflows.register("build", StampWorkflow { started: started_tx });
+    workflows.register(
+        "build",
+        StampWorkflow {
+            started: started_tx,
+        },
+    );
     let shutdown = Shutdown::default();
-    let daemon = tokio::spawn(agent::run(settings, workflows, Mode::Daemon, shutdown.clone()));
+    let daemon = tokio::spawn(agent::run(
+        settings,
+        workflows,
+        Mode::Daemon,
+        shutdown.clone(),
+    ));
 
     let client = db.client().await?;
     let queue_run = client

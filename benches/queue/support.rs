@@ -36,7 +36,10 @@ pub async fn drop_leftover_databases(server: &str) -> anyhow::Result<()> {
     let admin = connect(&url_for_database(server, "postgres")).await?;
     let pattern = format!("{DB_PREFIX}%");
     let rows = admin
-        .query("SELECT datname FROM pg_database WHERE datname LIKE $1", &[&pattern])
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1",
+            &[&pattern],
+        )
         .await?;
     for row in rows {
         let name: String = row.get(0);
@@ -103,7 +106,10 @@ impl BenchDb {
     pub async fn drop(self) -> anyhow::Result<()> {
         let admin = connect(&self.admin_url).await?;
         admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .await
             .with_context(|| format!("dropping database {} failed", self.name))?;
         Ok(())
@@ -153,8 +159,7 @@ impl Samples {
     }
 }
 
-/// The median of a few repeated measurements.
+/// Returns the median of a few repeated measurements.
 pub fn median(values: &[f64]) -> f64 {
     Samples::new(values.to_vec()).percentile(50.0)
 }
-
