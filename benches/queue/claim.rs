@@ -1,8 +1,9 @@
 //! Claim time as the history of finished runs grows.
 //!
-//! For each history size, finished runs are added with generate_series and the table is
-//! vacuumed and analyzed (as autovacuum would), then a batch of runs is queued and
-//! claimed one by one through `Queue::claim`, timing each call from the client.
+//! For each history size, finished runs are added with generate_series, a batch of runs
+//! is queued, and the table is vacuumed and analyzed (as autovacuum would). The queued
+//! runs are then claimed one by one through `Queue::claim`, timing each call from the
+//! client.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,9 @@ pub struct ClaimFigures {
     /// Execution Time that EXPLAIN ANALYZE reports for the claim, which excludes the
     /// network, planning and the commit's WAL flush.
     pub server: Samples,
+    /// Round trips of an autocommitted one-row UPDATE, timed alternately with the claims:
+    /// the floor that the commit's WAL flush sets on this machine.
+    pub commit_floor: Samples,
 }
 
 /// Finished runs spread over the last year: mostly successes, some failures and
@@ -56,6 +60,9 @@ pub async fn ours(server: &str, sizes: &[u64], claims: usize) -> anyhow::Result<
 
     // The first call opens the pooled connection and prepares the statement.
     queue.claim().await?;
+    client
+        .batch_execute("CREATE TABLE commit_floor (n bigint); INSERT INTO commit_floor VALUES (0)")
+        .await?;
 
     let mut figures = Vec::new();
     let mut history = 0u64;
@@ -63,12 +70,16 @@ pub async fn ours(server: &str, sizes: &[u64], claims: usize) -> anyhow::Result<
         grow_history(&client, history, size).await?;
         history = size.max(history);
         client.execute(QUEUE_BATCH, &[&(claims as i32)]).await?;
+        // Autovacuum would analyze after this many new rows; without it, the planner
+        // still sees the empty table that the first size starts with.
+        client.batch_execute("VACUUM ANALYZE ops.runs").await?;
         let server = explain_claims(&client, claims / 10).await?;
-        let samples = time_claims(&client, &queue, claims).await?;
+        let (samples, commit_floor) = time_claims(&client, &queue, claims).await?;
         figures.push(ClaimFigures {
             history,
             samples,
             server,
+            commit_floor,
         });
     }
     db.drop().await?;
@@ -88,14 +99,20 @@ async fn grow_history(client: &Client, from: u64, to: u64) -> anyhow::Result<()>
             started.elapsed().as_secs_f64()
         );
     }
-    client.batch_execute("VACUUM ANALYZE ops.runs").await?;
     Ok(())
 }
 
 /// Claims `claims` queued runs through the queue, one by one, and finishes them so they
-/// join the history.
-async fn time_claims(client: &Client, queue: &Queue, claims: usize) -> anyhow::Result<Samples> {
+/// join the history. Returns the claim round trips and, timed between them, those of a
+/// one-row UPDATE.
+async fn time_claims(
+    client: &Client,
+    queue: &Queue,
+    claims: usize,
+) -> anyhow::Result<(Samples, Samples)> {
+    let bump = client.prepare("UPDATE commit_floor SET n = n + 1").await?;
     let mut samples = Vec::with_capacity(claims);
+    let mut floor = Vec::with_capacity(claims);
     for _ in 0..claims {
         let started = Instant::now();
         let run = queue.claim().await?;
@@ -103,6 +120,10 @@ async fn time_claims(client: &Client, queue: &Queue, claims: usize) -> anyhow::R
         if run.is_none() {
             bail!("a queued run was not claimable");
         }
+
+        let started = Instant::now();
+        client.execute(&bump, &[]).await?;
+        floor.push(millis(started.elapsed()));
     }
     client
         .execute(
@@ -111,7 +132,7 @@ async fn time_claims(client: &Client, queue: &Queue, claims: usize) -> anyhow::R
             &[],
         )
         .await?;
-    Ok(Samples::new(samples))
+    Ok((Samples::new(samples), Samples::new(floor)))
 }
 
 /// Runs the claim under EXPLAIN ANALYZE `count` times, each in a transaction that is

@@ -17,6 +17,8 @@ pub struct IdleFigures {
     pub hwm_kib: u64,
     pub threads: u64,
     pub cpu_percent: f64,
+    /// CPU time used in the window, in clock ticks (usually 10 ms each).
+    pub cpu_ticks: u64,
     pub window: Duration,
 }
 
@@ -68,6 +70,7 @@ async fn watch(child: &mut Child, window: Duration) -> anyhow::Result<IdleFigure
         hwm_kib: status_field(&status, "VmHWM")?,
         threads: status_field(&status, "Threads")?,
         cpu_percent: cpu_seconds / window.as_secs_f64() * 100.0,
+        cpu_ticks: ticks_after - ticks_before,
         window,
     })
 }
@@ -107,7 +110,7 @@ fn clock_ticks_per_second() -> anyhow::Result<f64> {
         .with_context(|| format!("getconf CLK_TCK printed {text:?}"))
 }
 
-/// A numeric field of /proc/PID/status such as `VmRSS:  8120 kB`.
+/// Parses a numeric field of /proc/PID/status such as `VmRSS:  8120 kB`.
 fn status_field(status: &str, name: &str) -> anyhow::Result<u64> {
     let line = status
         .lines()

@@ -29,7 +29,7 @@ pub struct IngestFigures {
     pub insert: f64,
 }
 
-/// A short line of build output, about 70 bytes.
+/// Formats a short line of build output, about 70 bytes.
 fn line(index: usize) -> String {
     format!("{index:>7} | Step 12/40 : RUN pip install --no-cache-dir -r requirements.txt")
 }
@@ -87,7 +87,7 @@ async fn claim_fresh_run(client: &Client, queue: &Queue) -> anyhow::Result<Lease
     Ok(run.lease)
 }
 
-/// Checks that the run holds exactly `lines` events numbered 1 to `lines`.
+/// Checks that the run contains exactly `lines` events numbered 1 to `lines`.
 async fn check_stored(client: &Client, run_id: Uuid, lines: usize) -> anyhow::Result<()> {
     let row = client
         .query_one(
@@ -175,7 +175,7 @@ async fn through_copy(
     Ok(lines as f64 / elapsed.as_secs_f64())
 }
 
-/// One autocommitted INSERT per line, the way a naive log shipper writes.
+/// Writes one autocommitted INSERT per line, the way a naive log shipper does.
 async fn one_insert_per_line(client: &Client, run_id: Uuid, lines: usize) -> anyhow::Result<f64> {
     let insert = client
         .prepare(

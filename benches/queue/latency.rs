@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::support::{millis_between, BenchDb, Samples};
 
-/// Longest wait for one run to start; the agent's 5 s fallback poll is well within it.
+/// Maximum wait for one run to start; the agent's 5 s fallback poll is well within it.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A workflow that sends the instant it was called and succeeds at once.

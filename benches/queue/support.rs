@@ -159,7 +159,7 @@ impl Samples {
     }
 }
 
-/// The median of a few repeated measurements.
+/// Returns the median of a few repeated measurements.
 pub fn median(values: &[f64]) -> f64 {
     Samples::new(values.to_vec()).percentile(50.0)
 }
