@@ -12,6 +12,15 @@ use odooops_agent::workflows::restore::command::{self as restore_command, Restor
 use odooops_agent::workflows::Workflows;
 use odooops_agent::{db, docker, logging, migrate};
 
+/// Prints a line to stdout, ignoring a closed pipe (`odooops-agent check | head -1`),
+/// where println! would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Exit status for a bad config or command line (EX_USAGE from sysexits.h).
 const EXIT_USAGE: u8 = 64;
 /// Exit status when the database or Docker engine cannot be reached (EX_UNAVAILABLE).
@@ -157,7 +166,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 .await
                 .map_err(Failure::Other)?;
             let text = serde_json::to_string_pretty(&report).expect("a report serializes");
-            println!("{text}");
+            out!("{text}");
             Ok(())
         }
         Command::Check { config } => {
@@ -191,9 +200,9 @@ async fn run_migrations(settings: &Settings) -> Result<(), Failure> {
         .await
         .map_err(|err| Failure::Other(anyhow::anyhow!("{err}")))?;
     if applied.is_empty() {
-        println!("{target}: schema is up to date");
+        out!("{target}: schema is up to date");
     } else {
-        println!("{target}: applied migrations {applied:?}");
+        out!("{target}: applied migrations {applied:?}");
     }
     Ok(())
 }
@@ -205,7 +214,7 @@ fn describe(settings: &Settings) -> Result<String, Failure> {
 }
 
 async fn check(settings: &Settings) -> Result<(), Failure> {
-    println!("config: ok (worker {})", settings.agent.worker_id);
+    out!("config: ok (worker {})", settings.agent.worker_id);
 
     let target = describe(settings)?;
     let (client, connection) = db::connect(&settings.database, "odooops-agent-check")
@@ -238,7 +247,7 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
              run `odooops-agent migrate`"
         )));
     }
-    println!(
+    out!(
         "database: ok ({target}, schema version {})",
         version.unwrap_or(0)
     );
@@ -250,7 +259,7 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         .version()
         .await
         .map_err(|err| Failure::Unavailable(anyhow::anyhow!("Docker engine: {err}")))?;
-    println!(
+    out!(
         "docker: ok (engine {}, API {})",
         version.version.unwrap_or_default(),
         engine.client_version()
