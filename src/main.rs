@@ -243,8 +243,10 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
     let expected = migrate::MIGRATIONS.last().map(|m| m.version);
     if version != expected {
         return Err(Failure::Unavailable(anyhow::anyhow!(
-            "database {target}: schema version {version:?}, this agent needs {expected:?}; \
-             run `odooops-agent migrate`"
+            "database {target}: schema version {}, this agent needs {}; run \
+             `odooops-agent migrate` (a newer schema needs a newer agent)",
+            version.unwrap_or(0),
+            expected.unwrap_or(0)
         )));
     }
     out!(
