@@ -27,7 +27,7 @@ pub const CHANNEL_CAPACITY: usize = 16_384;
 /// Largest batch in one statement; bigger batches gain little and hold the run's row lock
 /// longer.
 pub const MAX_BATCH: usize = 8_192;
-/// Longest message stored; the rest of a longer line is cut and the cut is marked.
+/// Maximum message length in bytes. A longer line is cut, and the cut is marked.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -66,8 +66,8 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// Where a run's events go. Cloning it gives another sender to the same writer; the
-/// writer task ends when the last clone is dropped.
+/// Sender of a run's events. Cloning it gives another sender to the same writer, and
+/// the writer task ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::Sender<Message>,
@@ -142,7 +142,7 @@ impl EventSink {
         self.send(Level::Error, message, None).await
     }
 
-    /// Whether the writer found the lease gone.
+    /// Returns whether the writer found the lease gone.
     pub fn lease_lost(&self) -> bool {
         self.state.lease_lost.load(Ordering::Relaxed)
     }

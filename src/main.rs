@@ -77,7 +77,7 @@ enum Command {
         #[arg(long)]
         neutralize: bool,
     },
-    /// Validate the config and check that the database and Docker engine answer.
+    /// Validate the config and check that the database and Docker engine respond.
     Check {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,

@@ -33,8 +33,8 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Where a secret comes from: at most one of the value itself, an environment variable
-/// or a file may be set in the config.
+/// Source of a secret. At most one of the value itself, an environment variable or a
+/// file may be set in the config.
 #[derive(Debug, Clone, Default)]
 pub struct SecretSource {
     pub value: Option<String>,
@@ -42,8 +42,8 @@ pub struct SecretSource {
     pub file: Option<String>,
 }
 
-/// Why a secret could not be read. The variants name the config key and the variable or
-/// path, never the secret.
+/// Failure to read a secret. The variants name the config key and the variable or path,
+/// never the secret.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("{key}: set only one of `{key}`, `{key}_env` and `{key}_file`")]

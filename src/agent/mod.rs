@@ -19,7 +19,7 @@ use crate::workflows::Workflows;
 pub use runner::StopReason;
 pub use shutdown::Shutdown;
 
-/// Longest pause between claim attempts while the database is unreachable.
+/// Maximum pause between claim attempts while the database is unreachable.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(30);
 /// Consecutive failed claims after which [`Mode::Once`] gives up, after about 13 s of
 /// backoff, because a cron job should fail and report rather than wait forever.
@@ -36,7 +36,7 @@ pub enum Mode {
     Once,
 }
 
-/// What every run task shares.
+/// State shared by every run task.
 pub(crate) struct Shared {
     pub settings: Arc<Settings>,
     pub workflows: Workflows,

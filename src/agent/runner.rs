@@ -21,7 +21,7 @@ use super::Shared;
 /// How long a workflow has to clean up after its cancel token fires before it is dropped.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why a run stopped before its workflow finished.
+/// Reason a run stopped before its workflow finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     CancelRequested,

@@ -25,7 +25,7 @@ use crate::db::{self, CallError};
 /// connection is closed, and the next call opens a fresh one.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Proof that this agent holds a run: its id and the token of the current claim.
+/// Proof that this agent owns a run: its id and the token of the current claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     pub run_id: Uuid,
@@ -88,7 +88,7 @@ impl FinalStatus {
     }
 }
 
-/// Why a queue call failed, classified by what the caller should do next.
+/// Failure of a queue call, classified by what the caller should do next.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     /// The lease expired and the run was taken back: stop working on it, write nothing.
@@ -148,7 +148,7 @@ pub struct ReapedRun {
     pub action: String,
 }
 
-/// What this agent may claim and for how long.
+/// Claim scope of an agent: the runs it may claim and the lease length.
 #[derive(Debug, Clone)]
 pub struct ClaimFilter {
     pub worker_id: String,
@@ -182,7 +182,7 @@ impl Queue {
         self.filter.lease.as_secs().min(i32::MAX as u64) as i32
     }
 
-    /// Whether this agent serves an environment, for filtering notifications.
+    /// Returns whether this agent serves an environment, for filtering notifications.
     pub fn serves_env(&self, env_id: &str) -> bool {
         match &self.filter.env_ids {
             None => true,

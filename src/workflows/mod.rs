@@ -23,7 +23,7 @@ use crate::config::Settings;
 use crate::events::EventSink;
 use crate::queue::{Artifact, ClaimedRun, Queue, QueueError};
 
-/// What a workflow works with.
+/// Context of one run, passed to its workflow.
 pub struct RunContext {
     pub run: ClaimedRun,
     pub events: EventSink,
@@ -130,7 +130,7 @@ impl Workflows {
         self.by_name.keys().map(String::as_str)
     }
 
-    /// The workflows this binary implements.
+    /// Returns the workflows this binary implements.
     pub fn standard() -> Workflows {
         let mut workflows = Workflows::new();
         workflows.register("build", build::BuildWorkflow::new());
