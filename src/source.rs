@@ -127,6 +127,11 @@ impl RepoUrl {
         &self.url
     }
 
+    /// Whether the URL is a path on this machine rather than a URL (file:// included).
+    fn is_local_path(&self) -> bool {
+        self.url.starts_with('/')
+    }
+
     /// Replaces the URL's password, if it has one, in `text` such as git's stderr.
     fn scrub(&self, text: &str) -> String {
         let text = text.replace(&self.url, &self.redacted);
@@ -228,7 +233,7 @@ impl Drop for Workspace {
 /// Fetches commit `sha` of `url` into the new directory `dir` and checks it out. Returns
 /// the full commit id. A whole sha is fetched alone (`--depth 1`). For an abbreviated
 /// sha, or when the server does not serve a commit by id, every branch and tag is
-/// fetched instead.
+/// fetched instead. A repository given as a local path is cloned with shared objects.
 pub async fn fetch(
     url: &RepoUrl,
     sha: &GitSha,
@@ -252,6 +257,28 @@ async fn fetch_commit(url: &RepoUrl, sha: &GitSha, dir: &Path) -> Result<String,
             path: dir.to_path_buf(),
             source,
         })?;
+    if url.is_local_path() {
+        clone_shared(url, dir).await?;
+    } else {
+        fetch_into(url, sha, dir).await?;
+    }
+
+    let full = resolve(dir, url, sha).await?;
+    let checkout = [
+        "-c",
+        "advice.detachedHead=false",
+        "checkout",
+        "--quiet",
+        "--detach",
+        &full,
+    ];
+    git(dir, url, "checkout", &checkout).await?;
+    Ok(full)
+}
+
+/// Creates a repository in `dir` and fetches `sha` (alone when it is a whole sha) from
+/// `url` into it.
+async fn fetch_into(url: &RepoUrl, sha: &GitSha, dir: &Path) -> Result<(), SourceError> {
     let format = if sha.as_str().len() == 64 {
         "sha256"
     } else {
@@ -291,18 +318,26 @@ async fn fetch_commit(url: &RepoUrl, sha: &GitSha, dir: &Path) -> Result<String,
         ];
         git(dir, url, "fetch", &args).await?;
     }
+    Ok(())
+}
 
-    let full = resolve(dir, url, sha).await?;
-    let checkout = [
-        "-c",
-        "advice.detachedHead=false",
-        "checkout",
+/// Clones the repository at a local path into `dir` without copying its objects: the
+/// clone reads them from the source repository (git's alternates), so the cost does not
+/// grow with the repository. A fetch would pack and copy every object of the commit.
+///
+/// The checkout that follows writes the files out, and nothing reads the objects after
+/// it, so a `git gc` in the source repository can only disturb that short window.
+async fn clone_shared(url: &RepoUrl, dir: &Path) -> Result<(), SourceError> {
+    let args = [
+        "clone",
         "--quiet",
-        "--detach",
-        &full,
+        "--shared",
+        "--no-checkout",
+        "--",
+        url.as_str(),
+        ".",
     ];
-    git(dir, url, "checkout", &checkout).await?;
-    Ok(full)
+    git(dir, url, "clone", &args).await.map(drop)
 }
 
 /// Resolves `sha` to the full id of a commit in the repository at `dir`.

@@ -7,6 +7,7 @@
 mod build_support;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -272,6 +273,51 @@ async fn full_sha_is_fetched_from_a_local_path() {
     assert_eq!(result.unwrap(), repo.sha);
     let marker = std::fs::read_to_string(dir.path().join("source/marker.txt")).unwrap();
     assert_eq!(marker, "first");
+}
+
+#[tokio::test]
+async fn local_path_is_cloned_without_copying_objects() {
+    let repo = Repo::create(&[("marker.txt", "shared")]);
+    let (dir, result) = fetch(&repo.url(), &repo.sha).await;
+    assert_eq!(result.unwrap(), repo.sha);
+    let alternates = dir.path().join("source/.git/objects/info/alternates");
+    let shared = std::fs::read_to_string(&alternates).unwrap();
+    let source_objects = repo.dir.path().join(".git/objects");
+    assert_eq!(Path::new(shared.trim()), source_objects);
+    let objects = dir.path().join("source/.git/objects");
+    assert_eq!(
+        files_under(&objects),
+        vec![alternates],
+        "the clone copied objects"
+    );
+}
+
+/// Every regular file under `dir`, at any depth.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn full_sha_is_fetched_over_a_file_url() {
+    let repo = Repo::create(&[("marker.txt", "fetched")]);
+    let url = format!("file://{}", repo.url());
+    let (dir, result) = fetch(&url, &repo.sha).await;
+    assert_eq!(result.unwrap(), repo.sha);
+    let marker = std::fs::read_to_string(dir.path().join("source/marker.txt")).unwrap();
+    assert_eq!(marker, "fetched");
+    assert!(!dir
+        .path()
+        .join("source/.git/objects/info/alternates")
+        .exists());
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use bollard::models::{ContainerCreateBody, HostConfig, Mount as EngineMount, MountType};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount as EngineMount, MountType,
+};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, RemoveContainerOptions,
 };
@@ -304,6 +306,13 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
             mounts: Some(mounts.collect()),
             network_mode: spec.network_mode.clone(),
             init: Some(spec.init),
+            // The agent reads the output through the attach stream and keeps it itself; a
+            // log driver would only write a second copy to the engine's disk, at the cost
+            // of the engine's CPU while the command runs.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -321,7 +330,7 @@ async fn run_created(
 ) -> Result<i64, ContainerError> {
     let options = AttachContainerOptions {
         stream: true,
-        logs: true,
+        logs: false,
         stdout: true,
         stderr: true,
         ..Default::default()
