@@ -188,9 +188,6 @@ impl PgRunner {
 
 /// Starts `program` in a running container through the exec API. `env` contains
 /// `NAME=value` strings for the program's environment.
-///
-/// NOTE: the test suite runs the tools on the host only (no PostgreSQL image was
-/// available offline), so this path and closing an exec's stdin are untested.
 pub async fn spawn_exec(
     docker: Docker,
     container: &str,

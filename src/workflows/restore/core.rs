@@ -206,7 +206,10 @@ async fn load(
 
     pg.create_database(load_db).await?;
     job.reporter
-        .info(format!("Loading dump.sql into {load_db}"))
+        .info(format!(
+            "Loading dump.sql into {load_db} with psql on {}",
+            pg.describe()
+        ))
         .await;
     let started = Instant::now();
     load_dump(pg, archive.clone(), load_db, stop.clone()).await?;
