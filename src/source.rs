@@ -127,7 +127,8 @@ impl RepoUrl {
         &self.url
     }
 
-    /// Whether the URL is a path on this machine rather than a URL (file:// included).
+    /// Tells whether the URL is a plain path on this machine. A file:// URL is not one: git
+    /// fetches it through its transport.
     fn is_local_path(&self) -> bool {
         self.url.starts_with('/')
     }
@@ -321,12 +322,12 @@ async fn fetch_into(url: &RepoUrl, sha: &GitSha, dir: &Path) -> Result<(), Sourc
     Ok(())
 }
 
-/// Clones the repository at a local path into `dir` without copying its objects: the
-/// clone reads them from the source repository (git's alternates), so the cost does not
-/// grow with the repository. A fetch would pack and copy every object of the commit.
+/// Clones the repository at a local path into `dir` without copying its objects. The
+/// clone reads them from the source repository (git's alternates), so its cost does not
+/// grow with the repository, where a fetch packs and copies every object of the commit.
 ///
-/// The checkout that follows writes the files out, and nothing reads the objects after
-/// it, so a `git gc` in the source repository can only disturb that short window.
+/// Nothing reads the objects after the checkout, so a `git gc` in the source repository
+/// can only disturb the checkout itself.
 async fn clone_shared(url: &RepoUrl, dir: &Path) -> Result<(), SourceError> {
     let args = [
         "clone",

@@ -292,7 +292,7 @@ async fn local_path_is_cloned_without_copying_objects() {
     );
 }
 
-/// Every regular file under `dir`, at any depth.
+/// Lists every regular file under `dir`, at any depth.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

@@ -306,9 +306,8 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
             mounts: Some(mounts.collect()),
             network_mode: spec.network_mode.clone(),
             init: Some(spec.init),
-            // The agent reads the output through the attach stream and keeps it itself; a
-            // log driver would only write a second copy to the engine's disk, at the cost
-            // of the engine's CPU while the command runs.
+            // The agent reads the output through the attach stream and stores it. A log
+            // driver would write a second copy to the engine's disk and cost engine CPU.
             log_config: Some(HostConfigLogConfig {
                 typ: Some("none".into()),
                 config: None,
