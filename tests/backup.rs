@@ -500,3 +500,55 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     files
 }
+
+/// Counts the multipart uploads in progress in `bucket`.
+async fn open_uploads(client: &aws_sdk_s3::Client, bucket: &str) -> usize {
+    let listed = client
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    listed.uploads().len()
+}
+
+#[tokio::test]
+async fn dropped_upload_is_aborted() {
+    use bytes::Bytes;
+    use odooops_agent::storage::{Stores, UploadPart};
+    use tokio_util::sync::CancellationToken;
+
+    let fixture = Fixture::with_s3().await;
+    let settings = fixture.settings("s3");
+    let store = Stores::from_settings(&settings.storage).default;
+    let (client, bucket) = (&fixture.s3_client(), fixture.bucket.as_str());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let upload = store.put_stream("dropped/object.zip", rx, CancellationToken::new());
+
+    let started = async {
+        for _ in 0..3 {
+            let part = Bytes::from(vec![7u8; 5 * 1024 * 1024]);
+            tx.send(UploadPart::Data(part)).await.unwrap();
+        }
+        // The store receives the third part only after it started the multipart upload
+        // and has the upload's id, which it needs for the abort.
+        let limit = Duration::from_secs(30);
+        let tx = &tx;
+        common::wait::until("the parts taken", limit, move || async move {
+            (tx.capacity() == tx.max_capacity()).then_some(())
+        })
+        .await;
+        assert_eq!(open_uploads(client, bucket).await, 1);
+    };
+    tokio::select! {
+        result = upload => panic!("the upload ended without its last part: {result:?}"),
+        () = started => {}
+    }
+
+    let limit = Duration::from_secs(30);
+    common::wait::until("the dropped upload aborted", limit, move || async move {
+        (open_uploads(client, bucket).await == 0).then_some(())
+    })
+    .await;
+    drop(tx);
+}

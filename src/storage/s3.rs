@@ -6,12 +6,14 @@
 //! flight, and an object that fits in one part is sent with a single PutObject. A failed or
 //! cancelled upload is aborted, so the bucket keeps no orphaned parts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::abort_multipart_upload::builders::AbortMultipartUploadFluentBuilder;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -196,11 +198,14 @@ async fn next_part(
     }
 }
 
-/// A multipart upload in progress.
+/// A multipart upload in progress. When it is dropped before it completed or was aborted,
+/// because the future driving it was dropped, a task of its own aborts it.
 struct Multipart<'a> {
     store: &'a S3Store,
     key: &'a str,
     upload_id: String,
+    /// Set once the upload was completed or aborted.
+    settled: AtomicBool,
 }
 
 impl<'a> Multipart<'a> {
@@ -219,6 +224,7 @@ impl<'a> Multipart<'a> {
             store,
             key,
             upload_id,
+            settled: AtomicBool::new(false),
         })
     }
 
@@ -329,32 +335,68 @@ impl<'a> Multipart<'a> {
                 self.store
                     .failed("completing the upload of", self.key, describe(&err))
             })?;
+        self.settled.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// Aborts the upload so the store drops its parts. A failure is logged: the bucket's
     /// lifecycle rule for incomplete uploads is then the last resort.
     async fn abort(&self) {
-        let result = self
-            .store
+        self.settled.store(true, Ordering::Relaxed);
+        let request = self.abort_request();
+        abort_upload(
+            request,
+            self.store.location(self.key),
+            self.upload_id.clone(),
+        )
+        .await;
+    }
+
+    fn abort_request(&self) -> AbortMultipartUploadFluentBuilder {
+        self.store
             .client
             .abort_multipart_upload()
             .bucket(&self.store.bucket)
             .key(self.store.object_key(self.key))
             .upload_id(&self.upload_id)
-            .send()
-            .await;
-        match result {
-            Ok(_) => {
-                tracing::info!(location = %self.store.location(self.key), "aborted the multipart upload")
-            }
-            Err(err) => tracing::error!(
-                location = %self.store.location(self.key),
-                upload.id = %self.upload_id,
-                error = %describe(&err),
-                "aborting the multipart upload failed; its parts stay in the bucket"
-            ),
+    }
+}
+
+impl Drop for Multipart<'_> {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::Relaxed) {
+            return;
         }
+        let location = self.store.location(self.key);
+        // NOTE: when the process exits before this task runs, the parts stay in the
+        // bucket until a lifecycle rule for incomplete uploads removes them.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let request = self.abort_request();
+                let upload_id = self.upload_id.clone();
+                runtime.spawn(abort_upload(request, location, upload_id));
+            }
+            Err(_) => tracing::error!(%location, upload.id = %self.upload_id,
+                "a multipart upload was dropped outside the runtime; its parts stay in the bucket"),
+        }
+    }
+}
+
+/// Sends an abort request and logs its outcome. A failure leaves the bucket's lifecycle
+/// rule for incomplete uploads as the last resort.
+async fn abort_upload(
+    request: AbortMultipartUploadFluentBuilder,
+    location: String,
+    upload_id: String,
+) {
+    match request.send().await {
+        Ok(_) => tracing::info!(%location, "aborted the multipart upload"),
+        Err(err) => tracing::error!(
+            %location,
+            upload.id = %upload_id,
+            error = %describe(&err),
+            "aborting the multipart upload failed; its parts stay in the bucket"
+        ),
     }
 }
 
@@ -381,8 +423,6 @@ impl ObjectStore for S3Store {
             .map(str::to_string)
     }
 
-    // NOTE: dropping the returned future instead of firing `cancel` skips the abort,
-    // which leaves the upload's parts in the bucket until a lifecycle rule removes them.
     fn put_stream<'a>(
         &'a self,
         key: &'a str,
