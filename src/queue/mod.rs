@@ -32,6 +32,23 @@ pub struct Lease {
     pub token: Uuid,
 }
 
+impl Lease {
+    /// Returns the claim tag of this lease, see [`claim_tag`].
+    pub fn tag(&self) -> String {
+        claim_tag(self.token)
+    }
+}
+
+/// Returns a short name for one claim of a run: the first 8 hex digits of the SHA-256 of
+/// its lease token. Every claim gets a new token, so the tag distinguishes two claims
+/// with the same attempt number, as when a handed-back run is claimed again
+/// (ops.release_run gives the attempt back). Unlike the token, the tag may appear in
+/// object keys, database names and labels, because it cannot be turned back into it.
+pub fn claim_tag(lease_token: Uuid) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(lease_token.as_bytes())[..4])
+}
+
 /// A run this agent claimed.
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {

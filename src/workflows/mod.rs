@@ -39,6 +39,19 @@ impl RunContext {
         self.queue.pool()
     }
 
+    /// Returns the artifact store key of `file` for this claim of the run:
+    /// `<run_id>/attempt-<n>-<claim tag>/<file>`. A retried or handed-back run writes new
+    /// objects instead of replacing the ones that earlier artifact rows describe.
+    pub fn artifact_key(&self, file: &str) -> String {
+        let run = &self.run;
+        format!(
+            "{}/attempt-{}-{}/{file}",
+            run.run_id,
+            run.attempt,
+            run.lease.tag()
+        )
+    }
+
     /// Records an artifact of this run.
     pub async fn add_artifact(&self, artifact: &Artifact) -> Result<(), QueueError> {
         self.queue.add_artifact(self.run.lease, artifact).await

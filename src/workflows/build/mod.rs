@@ -9,8 +9,9 @@
 //!    fails the run; the container and database are removed either way.
 //! 4. push: both tags, with the registry credentials; then the image is recorded as an
 //!    'image' artifact.
-//! 5. logs: the gzipped output of all steps is stored in the artifact store and recorded
-//!    as a 'logs' artifact, after failures too.
+//! 5. logs: the gzipped output of all steps is stored in the artifact store under
+//!    `<run_id>/attempt-<n>-<claim tag>/build.log.gz` and recorded as a 'logs' artifact,
+//!    after failures too.
 //!
 //! A failure in any step fails the run with that step's name. Images built by a failed run
 //! are untagged locally, and a failed build's intermediate images are removed.
@@ -115,7 +116,7 @@ async fn store_log(ctx: &RunContext, log: BuildLog) -> anyhow::Result<String> {
     let started = Instant::now();
     let lines = log.lines();
     let path = log.finish().await.context("writing the build log failed")?;
-    let key = format!("{}/build.log.gz", ctx.run.run_id);
+    let key = ctx.artifact_key("build.log.gz");
     let data = tokio::fs::read(&path)
         .await
         .context("reading the build log failed")?;
