@@ -3,6 +3,7 @@
 
 mod runner;
 mod shutdown;
+mod sweeper;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,11 +70,21 @@ pub async fn run(
         wake.clone(),
         background.clone(),
     ));
+    let reaped = Arc::new(Notify::new());
     tokio::spawn(reap_expired_leases(
         queue.clone(),
         settings.agent.reap_interval,
+        reaped.clone(),
         background.clone(),
     ));
+    if serves(&queue, "build") {
+        tokio::spawn(sweeper::run(
+            settings.clone(),
+            queue.clone(),
+            reaped,
+            background.clone(),
+        ));
+    }
     tokio::spawn(systemd::watchdog(background.clone()));
     // Only a daemon schedules: a `--once` run must not queue work it would then claim.
     if mode == Mode::Daemon {
@@ -124,6 +135,12 @@ fn claim_filter(settings: &Settings, workflows: &Workflows) -> ClaimFilter {
         workflows: Some(served),
         lease: settings.agent.lease,
     }
+}
+
+/// Returns whether the agent claims runs of `workflow`.
+fn serves(queue: &Queue, workflow: &str) -> bool {
+    let served = queue.filter().workflows.as_ref();
+    served.is_none_or(|names| names.iter().any(|name| name == workflow))
 }
 
 async fn claim_loop(
@@ -297,7 +314,14 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
     }
 }
 
-async fn reap_expired_leases(queue: Queue, interval: Duration, stop: CancellationToken) {
+/// Takes back expired leases every `interval` until `stop`, and notifies `reaped` when it
+/// took back runs.
+async fn reap_expired_leases(
+    queue: Queue,
+    interval: Duration,
+    reaped: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -305,9 +329,12 @@ async fn reap_expired_leases(queue: Queue, interval: Duration, stop: Cancellatio
             _ = stop.cancelled() => return,
         }
         match queue.reap_expired().await {
-            Ok(reaped) => {
+            Ok(runs) => {
                 failures = 0;
-                for run in reaped {
+                if !runs.is_empty() {
+                    reaped.notify_one();
+                }
+                for run in runs {
                     tracing::warn!(
                         run.id = %run.run_id,
                         worker.id = run.worker_id.as_deref().unwrap_or(""),

@@ -7,6 +7,7 @@
 
 pub mod listener;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -165,6 +166,16 @@ pub struct ReapedRun {
     pub action: String,
 }
 
+/// The status of a run and the tag of its current claim while it runs. Compared with the
+/// run id and claim tag that a test container or test database carries, it shows whether
+/// that resource is a leftover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunState {
+    pub status: String,
+    /// [`claim_tag`] of the current lease; `None` unless the run is 'running'.
+    pub claim_tag: Option<String>,
+}
+
 /// Claim scope of an agent: the runs it may claim and the lease length.
 #[derive(Debug, Clone)]
 pub struct ClaimFilter {
@@ -193,6 +204,10 @@ impl Queue {
 
     pub fn worker_id(&self) -> &str {
         &self.filter.worker_id
+    }
+
+    pub fn filter(&self) -> &ClaimFilter {
+        &self.filter
     }
 
     fn lease_secs(&self) -> i32 {
@@ -338,6 +353,25 @@ impl Queue {
                 action: row.get("action"),
             })
             .collect())
+    }
+
+    /// Returns the state of each run in `run_ids` that ops.runs has. Ids it does not have
+    /// are missing from the map.
+    pub async fn run_states(
+        &self,
+        run_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, RunState>, QueueError> {
+        let client = self.client().await?;
+        let sql = "SELECT run_id, status, lease_token FROM ops.runs WHERE run_id = ANY($1)";
+        let outcome = timeout(CALL_TIMEOUT, client.query(sql, &[&run_ids])).await;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
+        let states = rows.iter().map(|row| {
+            let status: String = row.get("status");
+            let token: Option<Uuid> = row.get("lease_token");
+            let claim_tag = token.filter(|_| status == "running").map(claim_tag);
+            (row.get("run_id"), RunState { status, claim_tag })
+        });
+        Ok(states.collect())
     }
 
     /// Records an artifact of a run this agent holds.

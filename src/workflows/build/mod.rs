@@ -6,7 +6,8 @@
 //!    events; tagged `<registry>/<image>:<sha>` and `<registry>/<image>:<ref-slug>-latest`.
 //! 3. test: the test command in a container from the new image, against a throwaway
 //!    database. A non-zero exit code, or an ERROR, CRITICAL or FAIL: line in the output,
-//!    fails the run; the container and database are removed either way.
+//!    fails the run; the container and database are removed either way. Those of an
+//!    earlier attempt whose agent died are removed first (see [`sweep`]).
 //! 4. push: both tags, with the registry credentials; then the image is recorded as an
 //!    'image' artifact.
 //! 5. logs: the gzipped output of all steps is stored in the artifact store under
@@ -19,6 +20,7 @@
 mod log;
 mod project;
 mod steps;
+pub mod sweep;
 pub mod tags;
 mod testdb;
 
@@ -38,6 +40,7 @@ use self::project::Project;
 use self::steps::{Build, Plan};
 
 pub use self::log::is_failure_line;
+pub use self::testdb::database_name as test_database_name;
 
 /// Builds, tests and pushes the image of a run's commit.
 #[derive(Debug, Clone, Copy, Default)]
@@ -60,6 +63,7 @@ async fn run(ctx: &RunContext) -> RunResult {
     let docker = crate::docker::connect(&ctx.settings.docker)
         .await
         .step("docker")?;
+    sweep::remove_earlier_containers(ctx, &docker).await;
     let workspace = Workspace::create(&ctx.settings.agent.work_dir, &ctx.run.run_id.to_string())
         .await
         .step("fetch")?;
