@@ -1,6 +1,8 @@
 //! The daemon: claims runs within the concurrency limit, wakes on notifications, reaps
-//! expired leases, and drains on shutdown.
+//! expired leases, holds back runs that need the Docker engine while it is down, and
+//! drains on shutdown.
 
+mod engine;
 mod runner;
 mod shutdown;
 mod sweeper;
@@ -13,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::queue::{listener, ClaimFilter, Queue};
+use crate::queue::{listener, ClaimFilter, ClaimedRun, Queue, QueueError};
 use crate::systemd;
 use crate::workflows::Workflows;
 
@@ -43,6 +45,7 @@ pub(crate) struct Shared {
     pub workflows: Workflows,
     pub queue: Queue,
     pub hand_back: CancellationToken,
+    pub engine: engine::Engine,
 }
 
 /// Counts of what the daemon did, for `--once` callers and tests.
@@ -95,11 +98,14 @@ pub async fn run(
         ));
     }
 
+    let served = queue.filter().workflows.clone().unwrap_or_default();
+    let engine = engine::watch(&settings, &served, wake.clone(), background.clone()).await;
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         workflows,
         queue,
         hand_back: shutdown.hand_back.clone(),
+        engine,
     });
     tracing::info!(
         worker.id = %shared.queue.worker_id(),
@@ -169,7 +175,7 @@ async fn claim_loop(
         // NOTE: a stop request does not interrupt a claim in flight, so a database that
         // stopped replying delays shutdown by up to queue::CALL_TIMEOUT (30 s).
         let claimed_at = Instant::now();
-        match shared.queue.claim().await {
+        match claim(shared).await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
                 backoff = Backoff::default();
@@ -202,6 +208,15 @@ async fn claim_loop(
         }
     }
     Ok(summary)
+}
+
+/// Claims a run, while the Docker engine is down only one that needs no engine.
+async fn claim(shared: &Shared) -> Result<Option<ClaimedRun>, QueueError> {
+    if shared.engine.is_up() {
+        shared.queue.claim().await
+    } else {
+        engine::claim_without_engine(shared).await
+    }
 }
 
 /// Consecutive failed claims and the pause before the next attempt.

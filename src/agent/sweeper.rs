@@ -67,7 +67,7 @@ async fn sweep_now(settings: &Settings, queue: &Queue) -> anyhow::Result<sweep::
     let docker = match crate::docker::connect(&settings.docker).await {
         Ok(docker) => Some(docker),
         Err(err) => {
-            tracing::debug!(error = %err, "Docker engine unreachable; not sweeping containers");
+            tracing::debug!(error = %err, "not sweeping test containers: the engine is unreachable");
             None
         }
     };

@@ -247,15 +247,27 @@ impl Queue {
     /// row lock lives and what happens to the run if this agent dies.
     pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
         let filter = &self.filter;
+        self.claim_in(filter.env_ids.as_deref(), filter.workflows.as_deref())
+            .await
+    }
+
+    /// Claims like [`Queue::claim`], in a narrower scope: `env_ids` and `workflows` replace
+    /// the filter's lists (`None` is every environment or workflow). ops.claim_next_run
+    /// also claims runs of workflows that ops.workflows does not list, whatever the scope.
+    pub async fn claim_in(
+        &self,
+        env_ids: Option<&[String]>,
+        workflows: Option<&[String]>,
+    ) -> Result<Option<ClaimedRun>, QueueError> {
         let client = self.client().await?;
         let outcome = timeout(CALL_TIMEOUT, async {
             let statement = client
                 .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
                 .await?;
             let params: [&(dyn ToSql + Sync); 4] = [
-                &filter.worker_id,
-                &filter.env_ids,
-                &filter.workflows,
+                &self.filter.worker_id,
+                &env_ids,
+                &workflows,
                 &self.lease_secs(),
             ];
             client.query_opt(&statement, &params).await
@@ -353,6 +365,15 @@ impl Queue {
                 action: row.get("action"),
             })
             .collect())
+    }
+
+    /// Returns the ids of every environment in ops.environments.
+    pub async fn environment_ids(&self) -> Result<Vec<String>, QueueError> {
+        let client = self.client().await?;
+        let query = client.query("SELECT env_id FROM ops.environments ORDER BY env_id", &[]);
+        let outcome = timeout(CALL_TIMEOUT, query).await;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// Returns the state of each run in `run_ids` that ops.runs has. Ids it does not have
