@@ -15,6 +15,11 @@ pub fn notify_stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("draining runs")]);
 }
 
+/// Sets the status line that `systemctl status` shows.
+pub fn notify_status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
 fn send(states: &[NotifyState]) {
     if let Err(err) = sd_notify::notify(false, states) {
         tracing::warn!(error = %err, "notifying systemd failed");

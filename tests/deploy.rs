@@ -87,6 +87,7 @@ async fn deploy_records_evidence_artifact() {
         .await
         .unwrap();
     let path: String = row.get(0);
+    assert!(path.contains(&format!("/{run}/attempt-1-")), "{path}");
     let file = path.strip_prefix("file://").unwrap();
     let evidence: serde_json::Value =
         serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();

@@ -1,8 +1,11 @@
 //! The daemon: claims runs within the concurrency limit, wakes on notifications, reaps
-//! expired leases, and drains on shutdown.
+//! expired leases, holds back runs that need the Docker engine while it is down, and
+//! drains on shutdown.
 
+mod engine;
 mod runner;
 mod shutdown;
+mod sweeper;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::queue::{listener, ClaimFilter, Queue};
+use crate::queue::{listener, ClaimFilter, ClaimedRun, Queue, QueueError};
 use crate::systemd;
 use crate::workflows::Workflows;
 
@@ -42,6 +45,7 @@ pub(crate) struct Shared {
     pub workflows: Workflows,
     pub queue: Queue,
     pub hand_back: CancellationToken,
+    pub engine: engine::Engine,
 }
 
 /// Counts of what the daemon did, for `--once` callers and tests.
@@ -69,11 +73,21 @@ pub async fn run(
         wake.clone(),
         background.clone(),
     ));
+    let reaped = Arc::new(Notify::new());
     tokio::spawn(reap_expired_leases(
         queue.clone(),
         settings.agent.reap_interval,
+        reaped.clone(),
         background.clone(),
     ));
+    if serves(&queue, "build") {
+        tokio::spawn(sweeper::run(
+            settings.clone(),
+            queue.clone(),
+            reaped,
+            background.clone(),
+        ));
+    }
     tokio::spawn(systemd::watchdog(background.clone()));
     // Only a daemon schedules: a `--once` run must not queue work it would then claim.
     if mode == Mode::Daemon {
@@ -84,11 +98,14 @@ pub async fn run(
         ));
     }
 
+    let served = queue.filter().workflows.clone().unwrap_or_default();
+    let engine = engine::watch(&settings, &served, wake.clone(), background.clone()).await;
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         workflows,
         queue,
         hand_back: shutdown.hand_back.clone(),
+        engine,
     });
     tracing::info!(
         worker.id = %shared.queue.worker_id(),
@@ -126,6 +143,12 @@ fn claim_filter(settings: &Settings, workflows: &Workflows) -> ClaimFilter {
     }
 }
 
+/// Returns whether the agent claims runs of `workflow`.
+fn serves(queue: &Queue, workflow: &str) -> bool {
+    let served = queue.filter().workflows.as_ref();
+    served.is_none_or(|names| names.iter().any(|name| name == workflow))
+}
+
 async fn claim_loop(
     shared: &Arc<Shared>,
     mode: Mode,
@@ -152,7 +175,7 @@ async fn claim_loop(
         // NOTE: a stop request does not interrupt a claim in flight, so a database that
         // stopped replying delays shutdown by up to queue::CALL_TIMEOUT (30 s).
         let claimed_at = Instant::now();
-        match shared.queue.claim().await {
+        match claim(shared).await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
                 backoff = Backoff::default();
@@ -185,6 +208,15 @@ async fn claim_loop(
         }
     }
     Ok(summary)
+}
+
+/// Claims a run, while the Docker engine is down only one that needs no engine.
+async fn claim(shared: &Shared) -> Result<Option<ClaimedRun>, QueueError> {
+    if shared.engine.is_up() {
+        shared.queue.claim().await
+    } else {
+        engine::claim_without_engine(shared).await
+    }
 }
 
 /// Consecutive failed claims and the pause before the next attempt.
@@ -297,7 +329,14 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &Shutdown) {
     }
 }
 
-async fn reap_expired_leases(queue: Queue, interval: Duration, stop: CancellationToken) {
+/// Takes back expired leases every `interval` until `stop`, and notifies `reaped` when it
+/// took back runs.
+async fn reap_expired_leases(
+    queue: Queue,
+    interval: Duration,
+    reaped: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -305,9 +344,12 @@ async fn reap_expired_leases(queue: Queue, interval: Duration, stop: Cancellatio
             _ = stop.cancelled() => return,
         }
         match queue.reap_expired().await {
-            Ok(reaped) => {
+            Ok(runs) => {
                 failures = 0;
-                for run in reaped {
+                if !runs.is_empty() {
+                    reaped.notify_one();
+                }
+                for run in runs {
                     tracing::warn!(
                         run.id = %run.run_id,
                         worker.id = run.worker_id.as_deref().unwrap_or(""),

@@ -47,6 +47,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Builds stream for many minutes through one request, so the Docker client's
 /// per-request timeout must be generous.
 pub const DEFAULT_DOCKER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// While the engine is down, runs that need it wait in the queue. A ping every 5 s lets
+/// them start within seconds of the engine's return, for one cheap request.
+pub const DEFAULT_DOCKER_PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Workflows the agent implements; `agent.workflows` may narrow them.
 pub const KNOWN_WORKFLOWS: &[&str] = &[
@@ -134,6 +137,8 @@ pub struct DockerSettings {
     /// the default socket.
     pub host: Option<String>,
     pub timeout: Duration,
+    /// How often the agent checks that the engine replies.
+    pub ping_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -59,6 +59,7 @@ pub struct RawDatabase {
 pub struct RawDocker {
     pub host: Option<String>,
     pub timeout_secs: Option<u64>,
+    pub ping_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,6 +282,13 @@ impl RawDocker {
                 DEFAULT_DOCKER_TIMEOUT,
                 10,
                 86_400,
+            )?,
+            ping_interval: opt_seconds(
+                "docker.ping_interval_secs",
+                self.ping_interval_secs,
+                DEFAULT_DOCKER_PING_INTERVAL,
+                1,
+                300,
             )?,
         })
     }

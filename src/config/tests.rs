@@ -97,6 +97,17 @@ fn docker_host_without_scheme_is_rejected() {
 }
 
 #[test]
+fn docker_ping_interval_defaults_and_bounds() {
+    let settings = parse("").unwrap();
+    assert_eq!(settings.docker.ping_interval, DEFAULT_DOCKER_PING_INTERVAL);
+    let err = parse("[docker]\nping_interval_secs = 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("docker.ping_interval_secs"), "{err}");
+    assert!(err.contains(": 0 "), "{err}");
+}
+
+#[test]
 fn example_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let text = std::fs::read_to_string(&path).unwrap();

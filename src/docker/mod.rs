@@ -28,15 +28,20 @@ pub enum DockerError {
     },
 }
 
+/// Returns the engine address: docker.host, else DOCKER_HOST, else the default socket.
+pub fn address(settings: &DockerSettings) -> String {
+    settings
+        .host
+        .clone()
+        .or_else(|| std::env::var("DOCKER_HOST").ok())
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string())
+}
+
 /// Connects to the engine and settles on the highest API version both sides speak: Debian's
 /// docker.io offers 1.41, droplets run newer engines.
 pub async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
     let timeout = settings.timeout.as_secs();
-    let address = settings
-        .host
-        .clone()
-        .or_else(|| std::env::var("DOCKER_HOST").ok())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+    let address = address(settings);
     let client = if let Some(path) = address.strip_prefix("unix://") {
         Docker::connect_with_unix(path, timeout, API_DEFAULT_VERSION)
     } else {

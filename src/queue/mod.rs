@@ -7,6 +7,7 @@
 
 pub mod listener;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -30,6 +31,23 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Lease {
     pub run_id: Uuid,
     pub token: Uuid,
+}
+
+impl Lease {
+    /// Returns the claim tag of this lease, see [`claim_tag`].
+    pub fn tag(&self) -> String {
+        claim_tag(self.token)
+    }
+}
+
+/// Returns a short name for one claim of a run: the first 8 hex digits of the SHA-256 of
+/// its lease token. Every claim gets a new token, so the tag distinguishes two claims
+/// with the same attempt number, as when a handed-back run is claimed again
+/// (ops.release_run gives the attempt back). Unlike the token, the tag may appear in
+/// object keys, database names and labels, because it cannot be turned back into it.
+pub fn claim_tag(lease_token: Uuid) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(lease_token.as_bytes())[..4])
 }
 
 /// A run this agent claimed.
@@ -148,6 +166,16 @@ pub struct ReapedRun {
     pub action: String,
 }
 
+/// The status of a run and the tag of its current claim while it runs. Compared with the
+/// run id and claim tag that a test container or test database carries, it shows whether
+/// that resource is a leftover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunState {
+    pub status: String,
+    /// [`claim_tag`] of the current lease; `None` unless the run is 'running'.
+    pub claim_tag: Option<String>,
+}
+
 /// Claim scope of an agent: the runs it may claim and the lease length.
 #[derive(Debug, Clone)]
 pub struct ClaimFilter {
@@ -176,6 +204,10 @@ impl Queue {
 
     pub fn worker_id(&self) -> &str {
         &self.filter.worker_id
+    }
+
+    pub fn filter(&self) -> &ClaimFilter {
+        &self.filter
     }
 
     fn lease_secs(&self) -> i32 {
@@ -215,15 +247,27 @@ impl Queue {
     /// row lock lives and what happens to the run if this agent dies.
     pub async fn claim(&self) -> Result<Option<ClaimedRun>, QueueError> {
         let filter = &self.filter;
+        self.claim_in(filter.env_ids.as_deref(), filter.workflows.as_deref())
+            .await
+    }
+
+    /// Claims like [`Queue::claim`], in a narrower scope: `env_ids` and `workflows` replace
+    /// the filter's lists (`None` is every environment or workflow). ops.claim_next_run
+    /// also claims runs of workflows that ops.workflows does not list, whatever the scope.
+    pub async fn claim_in(
+        &self,
+        env_ids: Option<&[String]>,
+        workflows: Option<&[String]>,
+    ) -> Result<Option<ClaimedRun>, QueueError> {
         let client = self.client().await?;
         let outcome = timeout(CALL_TIMEOUT, async {
             let statement = client
                 .prepare_cached("SELECT * FROM ops.claim_next_run($1, $2, $3, $4)")
                 .await?;
             let params: [&(dyn ToSql + Sync); 4] = [
-                &filter.worker_id,
-                &filter.env_ids,
-                &filter.workflows,
+                &self.filter.worker_id,
+                &env_ids,
+                &workflows,
                 &self.lease_secs(),
             ];
             client.query_opt(&statement, &params).await
@@ -321,6 +365,34 @@ impl Queue {
                 action: row.get("action"),
             })
             .collect())
+    }
+
+    /// Returns the ids of every environment in ops.environments.
+    pub async fn environment_ids(&self) -> Result<Vec<String>, QueueError> {
+        let client = self.client().await?;
+        let query = client.query("SELECT env_id FROM ops.environments ORDER BY env_id", &[]);
+        let outcome = timeout(CALL_TIMEOUT, query).await;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// Returns the state of each run in `run_ids` that ops.runs has. Ids it does not have
+    /// are missing from the map.
+    pub async fn run_states(
+        &self,
+        run_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, RunState>, QueueError> {
+        let client = self.client().await?;
+        let sql = "SELECT run_id, status, lease_token FROM ops.runs WHERE run_id = ANY($1)";
+        let outcome = timeout(CALL_TIMEOUT, client.query(sql, &[&run_ids])).await;
+        let rows = Queue::answer(client, outcome, CALL_TIMEOUT, None)?;
+        let states = rows.iter().map(|row| {
+            let status: String = row.get("status");
+            let token: Option<Uuid> = row.get("lease_token");
+            let claim_tag = token.filter(|_| status == "running").map(claim_tag);
+            (row.get("run_id"), RunState { status, claim_tag })
+        });
+        Ok(states.collect())
     }
 
     /// Records an artifact of a run this agent holds.

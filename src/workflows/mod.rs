@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::backup::{EnvBackupSettings, PgTools};
 use crate::config::Settings;
 use crate::events::EventSink;
 use crate::queue::{Artifact, ClaimedRun, Queue, QueueError};
@@ -39,6 +40,19 @@ impl RunContext {
         self.queue.pool()
     }
 
+    /// Returns the artifact store key of `file` for this claim of the run:
+    /// `<run_id>/attempt-<n>-<claim tag>/<file>`. A retried or handed-back run writes new
+    /// objects instead of replacing the ones that earlier artifact rows describe.
+    pub fn artifact_key(&self, file: &str) -> String {
+        let run = &self.run;
+        format!(
+            "{}/attempt-{}-{}/{file}",
+            run.run_id,
+            run.attempt,
+            run.lease.tag()
+        )
+    }
+
     /// Records an artifact of this run.
     pub async fn add_artifact(&self, artifact: &Artifact) -> Result<(), QueueError> {
         self.queue.add_artifact(self.run.lease, artifact).await
@@ -49,6 +63,25 @@ impl RunContext {
     pub fn metadata<T: DeserializeOwned>(&self) -> Result<T, StepError> {
         serde_json::from_value(self.run.metadata.clone())
             .map_err(|err| StepError::invalid(format!("invalid run metadata: {err}")))
+    }
+}
+
+/// Returns whether runs of `workflow` in an environment with `backup` settings use the
+/// Docker engine. Builds, deploys, promotions and rollbacks always do. Backups and restore
+/// drills do when pg_dump and psql run in a container. Restores do in that case too, and
+/// when they run `odoo neutralize` in the environment's Odoo container. A run of an
+/// unknown workflow fails without the engine.
+pub fn needs_docker(workflow: &str, backup: &EnvBackupSettings) -> bool {
+    let pg_in_container = matches!(backup.pg.tools, PgTools::Docker { .. });
+    match workflow {
+        "build" | "deploy" | "promote" | "rollback" => true,
+        "backup" | "restore_drill" => pg_in_container,
+        "restore" => {
+            let neutralizes_in_container =
+                backup.odoo_neutralize && backup.odoo_container.is_some();
+            pg_in_container || neutralizes_in_container
+        }
+        _ => false,
     }
 }
 

@@ -17,10 +17,13 @@ pub const CONFIG_VAR: &str = "ODOOOPS_TEST_CHILD_CONFIG";
 pub const URL_VAR: &str = "ODOOOPS_TEST_CHILD_URL";
 /// File whose creation lets the child's blocked runs succeed.
 pub const RELEASE_VAR: &str = "ODOOOPS_TEST_CHILD_RELEASE";
+/// Set to "standard" for the workflows the agent binary runs, in place of [`Block`].
+pub const WORKFLOWS_VAR: &str = "ODOOOPS_TEST_CHILD_WORKFLOWS";
 
 /// Runs the agent when this process is a child started by [`ChildAgent::spawn`], and
 /// returns whether it was one. `build` and `restore` runs block until released by the
-/// file named in [`RELEASE_VAR`], or until cancelled.
+/// file named in [`RELEASE_VAR`], or until cancelled. With [`WORKFLOWS_VAR`] set to
+/// "standard", the child runs the standard workflows instead.
 pub async fn act_as_agent() -> bool {
     let Ok(config) = std::env::var(CONFIG_VAR) else {
         return false;
@@ -36,6 +39,9 @@ pub async fn act_as_agent() -> bool {
     let mut workflows = Workflows::new();
     workflows.register("build", Block::new(release.clone()));
     workflows.register("restore", Block::new(release));
+    if std::env::var(WORKFLOWS_VAR).as_deref() == Ok("standard") {
+        workflows = Workflows::standard();
+    }
 
     let shutdown = Shutdown::default();
     shutdown.on_signals().expect("installing signal handlers");
@@ -55,6 +61,22 @@ pub struct ChildAgent {
 impl ChildAgent {
     /// Starts this test binary running only `test_name`, as an agent with `config`.
     pub fn spawn(test_name: &str, url: &str, config: &str, release: Option<&PathBuf>) -> Self {
+        Self::spawn_with(test_name, url, config, release, &[])
+    }
+
+    /// Like [`ChildAgent::spawn`], running the standard workflows.
+    pub fn spawn_standard(test_name: &str, url: &str, config: &str) -> Self {
+        Self::spawn_with(test_name, url, config, None, &[(WORKFLOWS_VAR, "standard")])
+    }
+
+    /// Like [`ChildAgent::spawn`], with extra environment variables for the child.
+    pub fn spawn_with(
+        test_name: &str,
+        url: &str,
+        config: &str,
+        release: Option<&PathBuf>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("creating a temporary directory");
         let log = dir.path().join("agent.log");
         let output = std::fs::File::create(&log).expect("creating the child's log");
@@ -70,6 +92,7 @@ impl ChildAgent {
         if let Some(path) = release {
             command.env(RELEASE_VAR, path);
         }
+        command.envs(env.iter().copied());
         let child = command.spawn().expect("starting the child agent");
         ChildAgent {
             child,

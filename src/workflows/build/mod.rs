@@ -6,11 +6,13 @@
 //!    events; tagged `<registry>/<image>:<sha>` and `<registry>/<image>:<ref-slug>-latest`.
 //! 3. test: the test command in a container from the new image, against a throwaway
 //!    database. A non-zero exit code, or an ERROR, CRITICAL or FAIL: line in the output,
-//!    fails the run; the container and database are removed either way.
+//!    fails the run; the container and database are removed either way. Those of an
+//!    earlier attempt whose agent died are removed first (see [`sweep`]).
 //! 4. push: both tags, with the registry credentials; then the image is recorded as an
 //!    'image' artifact.
-//! 5. logs: the gzipped output of all steps is stored in the artifact store and recorded
-//!    as a 'logs' artifact, after failures too.
+//! 5. logs: the gzipped output of all steps is stored in the artifact store under
+//!    `<run_id>/attempt-<n>-<claim tag>/build.log.gz` and recorded as a 'logs' artifact,
+//!    after failures too.
 //!
 //! A failure in any step fails the run with that step's name. Images built by a failed run
 //! are untagged locally, and a failed build's intermediate images are removed.
@@ -18,6 +20,7 @@
 mod log;
 mod project;
 mod steps;
+pub mod sweep;
 pub mod tags;
 mod testdb;
 
@@ -37,6 +40,7 @@ use self::project::Project;
 use self::steps::{Build, Plan};
 
 pub use self::log::is_failure_line;
+pub use self::testdb::database_name as test_database_name;
 
 /// Builds, tests and pushes the image of a run's commit.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,6 +63,7 @@ async fn run(ctx: &RunContext) -> RunResult {
     let docker = crate::docker::connect(&ctx.settings.docker)
         .await
         .step("docker")?;
+    sweep::remove_earlier_containers(ctx, &docker).await;
     let workspace = Workspace::create(&ctx.settings.agent.work_dir, &ctx.run.run_id.to_string())
         .await
         .step("fetch")?;
@@ -115,7 +120,7 @@ async fn store_log(ctx: &RunContext, log: BuildLog) -> anyhow::Result<String> {
     let started = Instant::now();
     let lines = log.lines();
     let path = log.finish().await.context("writing the build log failed")?;
-    let key = format!("{}/build.log.gz", ctx.run.run_id);
+    let key = ctx.artifact_key("build.log.gz");
     let data = tokio::fs::read(&path)
         .await
         .context("reading the build log failed")?;

@@ -15,12 +15,13 @@ use crate::config::{RegistrySettings, TestDatabaseSettings};
 use crate::docker::container::{self, ContainerSpec};
 use crate::docker::image::{self, BuildSpec, BuiltImage};
 use crate::events::Level;
-use crate::queue::Artifact;
+use crate::queue::{Artifact, Lease};
 use crate::source::{self, GitSha, Workspace};
 use crate::workflows::{RunContext, RunResult, StepError, StepResultExt};
 
 use super::log::{BuildLog, TestScan};
 use super::project::Project;
+use super::sweep;
 use super::tags::{ref_slug, LATEST_SUFFIX};
 use super::testdb::TestDatabase;
 
@@ -89,9 +90,10 @@ impl<'a> Build<'a> {
         // The test database is created while the image builds: creating a database
         // copies template1 and can take a second or more.
         let settings = self.ctx.settings.build.test_database.clone();
+        let lease = self.ctx.run.lease;
         let (image, database) = tokio::join!(
             timed("build", self.build(commit)),
-            create_test_database(settings)
+            create_test_database(settings, lease)
         );
         let image = match image {
             Ok(image) => image,
@@ -309,6 +311,7 @@ impl<'a> Build<'a> {
         let run = &self.ctx.run;
         let mut labels = self.labels(&image.commit);
         labels.insert("odooops.role".into(), "build-test".into());
+        labels.insert(sweep::CLAIM_LABEL.into(), run.lease.tag());
         ContainerSpec {
             image: image.reference.clone(),
             name: Some(format!("odooops-test-{}-{}", run.run_id, run.attempt)),
@@ -402,12 +405,13 @@ impl<'a> Build<'a> {
     }
 }
 
-/// Creates the test database when one is configured.
+/// Creates the test database of the lease's claim when one is configured.
 async fn create_test_database(
     settings: Option<TestDatabaseSettings>,
+    lease: Lease,
 ) -> anyhow::Result<Option<TestDatabase>> {
     match settings {
-        Some(settings) => TestDatabase::create(&settings).await.map(Some),
+        Some(settings) => TestDatabase::create(&settings, lease).await.map(Some),
         None => Ok(None),
     }
 }

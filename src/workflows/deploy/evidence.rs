@@ -8,11 +8,12 @@ use crate::queue::Artifact;
 use crate::storage;
 use crate::workflows::RunContext;
 
-/// Stores the evidence under `<run_id>/deploy-evidence.json` in the artifact store,
-/// records it as the run's 'evidence' artifact and returns its location.
+/// Stores the evidence under `<run_id>/attempt-<n>-<claim tag>/deploy-evidence.json` in
+/// the artifact store, records it as the run's 'evidence' artifact and returns its
+/// location.
 pub async fn record(ctx: &RunContext, evidence: &Value) -> anyhow::Result<String> {
     let body = serde_json::to_vec_pretty(evidence).context("encoding the evidence failed")?;
-    let key = format!("{}/deploy-evidence.json", ctx.run.run_id);
+    let key = ctx.artifact_key("deploy-evidence.json");
     let stored = storage::put_artifact(&ctx.settings.storage, &key, body.into())
         .await
         .with_context(|| format!("storing {key} failed"))?;
