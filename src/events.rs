@@ -6,7 +6,9 @@
 //! hundred round trips, not one per line. The channel between them is bounded: when the
 //! database is slow or briefly unreachable, senders wait instead of memory growing, and
 //! the writer retries the same batch (with the same batch id, so it is stored once) until
-//! the database returns or the lease is lost.
+//! the database returns or the lease is lost. The lease counts as lost when the database
+//! reports it lost, or when it runs out without renewal while the database is unavailable,
+//! because no later write of this agent can be accepted for the run.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,10 +18,11 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{self, CallError};
-use crate::queue::{db_error_text, Lease, CALL_TIMEOUT};
+use crate::queue::{db_error_text, pool_error_text, Lease, CALL_TIMEOUT};
 
 /// Events waiting for the writer. With lines of typical build output (under 200 bytes)
 /// this bounds the queue to a few megabytes.
@@ -90,11 +93,24 @@ pub enum FlushOutcome {
 }
 
 impl EventSink {
-    /// Starts the writer for a run this agent holds.
+    /// Starts the writer for a run this agent holds. It retries a failed write until the
+    /// database accepts it or reports the lease lost.
     pub fn start(pool: Pool, lease: Lease) -> EventSink {
+        EventSink::start_with_expiry(pool, lease, CancellationToken::new())
+    }
+
+    /// Starts the writer for a run this agent holds, which also stops retrying and drops
+    /// its events once `expired` fires. The owner of the lease fires it when the lease ran
+    /// out without renewal, so a database that stays away cannot hold the run forever.
+    pub fn start_with_expiry(pool: Pool, lease: Lease, expired: CancellationToken) -> EventSink {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let state = Arc::new(SinkState::default());
-        tokio::spawn(write_events(pool, lease, rx, state.clone()));
+        let writer = Writer {
+            pool,
+            lease,
+            expired,
+        };
+        tokio::spawn(writer.run(rx, state.clone()));
         EventSink { tx, state }
     }
 
@@ -172,97 +188,122 @@ fn truncate(mut message: String) -> String {
     message
 }
 
-async fn write_events(
+/// The task that stores a run's events.
+struct Writer {
     pool: Pool,
     lease: Lease,
-    mut rx: mpsc::Receiver<Message>,
-    state: Arc<SinkState>,
-) {
-    let mut inbox = Vec::with_capacity(MAX_BATCH);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut inbox, MAX_BATCH).await > 0 {
-        for message in inbox.drain(..) {
-            match message {
-                Message::Event(event) => batch.push(event),
-                Message::Flush(ack) => {
-                    if !store_batch(&pool, lease, &mut batch, &state).await {
-                        rx.close();
-                        return;
+    /// Fires when the lease ran out without renewal.
+    expired: CancellationToken,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Message>, state: Arc<SinkState>) {
+        let mut inbox = Vec::with_capacity(MAX_BATCH);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut inbox, MAX_BATCH).await > 0 {
+            for message in inbox.drain(..) {
+                match message {
+                    Message::Event(event) => batch.push(event),
+                    Message::Flush(ack) => {
+                        if !self.store_batch(&mut batch, &state).await {
+                            rx.close();
+                            return;
+                        }
+                        let _ = ack.send(());
                     }
-                    let _ = ack.send(());
                 }
             }
-        }
-        if !store_batch(&pool, lease, &mut batch, &state).await {
-            rx.close();
-            return;
+            if !self.store_batch(&mut batch, &state).await {
+                rx.close();
+                return;
+            }
         }
     }
-}
 
-/// Stores and clears `batch`. Returns false when the lease is lost.
-async fn store_batch(pool: &Pool, lease: Lease, batch: &mut Vec<Event>, state: &SinkState) -> bool {
-    if batch.is_empty() {
-        return true;
-    }
-    match store_with_retry(pool, lease, batch).await {
-        Ok(count) => {
-            state.written.fetch_add(count, Ordering::Relaxed);
-            batch.clear();
-            true
+    /// Stores and clears `batch`. Returns false when the lease is lost.
+    async fn store_batch(&self, batch: &mut Vec<Event>, state: &SinkState) -> bool {
+        if batch.is_empty() {
+            return true;
         }
-        Err(()) => {
-            state.lease_lost.store(true, Ordering::Relaxed);
-            false
+        match self.store_with_retry(batch).await {
+            Ok(count) => {
+                state.written.fetch_add(count, Ordering::Relaxed);
+                batch.clear();
+                true
+            }
+            Err(()) => {
+                state.lease_lost.store(true, Ordering::Relaxed);
+                false
+            }
         }
     }
-}
 
-/// Stores one batch, retrying while the database is unreachable. Returns `Err` only when
-/// the lease is lost.
-async fn store_with_retry(pool: &Pool, lease: Lease, batch: &[Event]) -> Result<u64, ()> {
-    let batch_id = Uuid::new_v4();
-    let mut delay = Duration::from_millis(100);
-    let mut failures = 0u32;
-    loop {
-        match store(pool, lease, batch_id, batch).await {
-            Ok(_) => {
-                if failures > 0 {
-                    tracing::info!(failures, "event writer reconnected; events stored");
+    /// Stores one batch, retrying while the database is unreachable. Returns `Err` only
+    /// when the lease is lost. An attempt in flight is not interrupted when the lease runs
+    /// out, so giving up can take up to one [`CALL_TIMEOUT`] longer than the lease.
+    async fn store_with_retry(&self, batch: &[Event]) -> Result<u64, ()> {
+        let lease = self.lease;
+        let batch_id = Uuid::new_v4();
+        let mut delay = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            match store(&self.pool, lease, batch_id, batch).await {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "event writer reconnected; events stored");
+                    }
+                    // A retried batch reports 0 rows if its first attempt was stored.
+                    return Ok(batch.len() as u64);
                 }
-                // A retried batch reports 0 rows if its first attempt was stored.
-                return Ok(batch.len() as u64);
-            }
-            Err(StoreError::LeaseLost) => {
-                tracing::warn!(run.id = %lease.run_id, "lease lost; dropping run events");
-                return Err(());
-            }
-            Err(StoreError::Rejected(reason)) => {
-                // Retrying a batch the server rejects for its content would stall the run
-                // until its lease expired, so the batch is reported and skipped.
-                tracing::error!(
-                    run.id = %lease.run_id,
-                    error = %reason,
-                    dropped = batch.len(),
-                    "control plane rejected a batch of run events"
-                );
-                return Ok(0);
-            }
-            Err(StoreError::Retry(reason)) => {
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(
+                Err(StoreError::LeaseLost) => {
+                    tracing::warn!(run.id = %lease.run_id, "lease lost; dropping run events");
+                    return Err(());
+                }
+                Err(StoreError::Rejected(reason)) => {
+                    // Retrying a batch the server rejects for its content would stall the
+                    // run until its lease expired, so the batch is reported and skipped.
+                    tracing::error!(
                         run.id = %lease.run_id,
                         error = %reason,
-                        failures,
-                        pending = batch.len(),
-                        "storing run events failed; retrying"
+                        dropped = batch.len(),
+                        "control plane rejected a batch of run events"
                     );
+                    return Ok(0);
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+                Err(StoreError::Retry(reason)) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(
+                            run.id = %lease.run_id,
+                            error = %reason,
+                            failures,
+                            pending = batch.len(),
+                            "storing run events failed; retrying"
+                        );
+                    }
+                    if !self.wait_before_retry(delay, batch.len(), &reason).await {
+                        return Err(());
+                    }
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
             }
         }
+    }
+
+    /// Waits `delay` before the next attempt. Returns false when the lease ran out
+    /// meanwhile or before.
+    async fn wait_before_retry(&self, delay: Duration, pending: usize, reason: &str) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => return true,
+            _ = self.expired.cancelled() => {}
+        }
+        tracing::error!(
+            run.id = %self.lease.run_id,
+            error = %reason,
+            dropped = pending,
+            "the lease ran out while the control plane was unavailable; dropping run events"
+        );
+        false
     }
 }
 
@@ -281,7 +322,7 @@ async fn store(
     let client = pool
         .get()
         .await
-        .map_err(|err| StoreError::Retry(err.to_string()))?;
+        .map_err(|err| StoreError::Retry(pool_error_text(&err)))?;
     let levels: Vec<&str> = batch.iter().map(|e| e.level.as_str()).collect();
     let messages: Vec<&str> = batch.iter().map(|e| e.message.as_str()).collect();
     let payloads: Vec<Option<&Value>> = batch.iter().map(|e| e.payload.as_ref()).collect();

@@ -6,7 +6,7 @@ mod deploy_support;
 
 use std::time::Instant;
 
-use deploy_support::Site;
+use deploy_support::{Site, BAD, BROKEN_UPDATE, CRASH, NEVER_BUILT, NOISY_UPDATE, V0, V1, V2};
 use serde_json::json;
 
 const ROLLBACK_MESSAGE: &str = "Automatic rollback triggered due to health check failure";
@@ -14,21 +14,21 @@ const ROLLBACK_MESSAGE: &str = "Automatic rollback triggered due to health check
 #[tokio::test]
 async fn deploy_starts_labelled_container_that_answers() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
+    site.image(V1, "healthy").await;
 
-    let run = site.deploy("v1").await;
+    let run = site.deploy(V1).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "success", "{}", site.event_text(run).await);
-    assert_eq!(metadata["deployed_sha"], "v1");
+    assert_eq!(metadata["deployed_sha"], V1);
     assert_eq!(metadata["health"]["healthy"], true);
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
     let (running, labels, _) = site.container_state(&site.name).await.unwrap();
     assert!(running);
     assert_eq!(labels["odooops.project"], "proj");
     assert_eq!(labels["odooops.env"], "env-dev");
     assert_eq!(labels["odooops.run"], run.to_string());
-    assert_eq!(labels["odooops.sha"], "v1");
+    assert_eq!(labels["odooops.sha"], V1);
 }
 
 #[tokio::test]
@@ -36,11 +36,11 @@ async fn second_deploy_keeps_the_first_as_previous() {
     let site = Site::new().await;
     site.configure("env-dev", json!({"restart_policy": "unless-stopped"}))
         .await;
-    site.image("v1", "healthy").await;
-    site.image("v2", "healthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(V2, "healthy").await;
+    site.deploy(V1).await;
 
-    let run = site.deploy("v2").await;
+    let run = site.deploy(V2).await;
 
     assert_eq!(
         site.run(run).await.0,
@@ -48,11 +48,11 @@ async fn second_deploy_keeps_the_first_as_previous() {
         "{}",
         site.event_text(run).await
     );
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v2"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V2));
     let previous = format!("{}-previous", site.name);
     let (running, labels, _) = site.container_state(&previous).await.unwrap();
     assert!(!running);
-    assert_eq!(labels["odooops.sha"], "v1");
+    assert_eq!(labels["odooops.sha"], V1);
     let inspect = site
         .docker
         .inspect_container(&previous, None)
@@ -71,9 +71,9 @@ async fn second_deploy_keeps_the_first_as_previous() {
 #[tokio::test]
 async fn deploy_records_evidence_artifact() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
+    site.image(V1, "healthy").await;
 
-    let run = site.deploy("v1").await;
+    let run = site.deploy(V1).await;
 
     let row = site
         .db
@@ -93,7 +93,7 @@ async fn deploy_records_evidence_artifact() {
         serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
     assert_eq!(evidence["result"], "healthy");
     assert_eq!(evidence["gate"]["healthy"], true);
-    assert_eq!(evidence["target"]["git_sha"], "v1");
+    assert_eq!(evidence["target"]["git_sha"], V1);
     assert!(row.get::<_, String>(1).starts_with("sha256:"));
     assert!(row.get::<_, i64>(2) > 0);
 }
@@ -101,34 +101,34 @@ async fn deploy_records_evidence_artifact() {
 #[tokio::test]
 async fn failed_gate_rolls_back_to_previous_version() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("bad", "unhealthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(BAD, "unhealthy").await;
+    site.deploy(V1).await;
 
-    let run = site.deploy("bad").await;
+    let run = site.deploy(BAD).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
-    assert_eq!(metadata["rolled_back_to"], "v1");
+    assert_eq!(metadata["rolled_back_to"], V1);
     assert_eq!(metadata["rollback_healthy"], true);
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
     let events = site.events(run).await;
     let rollback = events
         .iter()
         .find(|(_, message, _)| message == ROLLBACK_MESSAGE);
     let (level, _, payload) = rollback.expect("rollback event");
     assert_eq!(level, "error");
-    assert_eq!(payload.as_ref().unwrap(), &json!({"previous_sha": "v1"}));
+    assert_eq!(payload.as_ref().unwrap(), &json!({"previous_sha": V1}));
 }
 
 #[tokio::test]
 async fn probe_events_are_written_per_change_not_per_probe() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("bad", "unhealthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(BAD, "unhealthy").await;
+    site.deploy(V1).await;
 
-    let run = site.deploy("bad").await;
+    let run = site.deploy(BAD).await;
 
     let (_, metadata) = site.run(run).await;
     let events = site.events(run).await;
@@ -165,12 +165,12 @@ async fn container_exit_fails_the_gate_at_once() {
     let site = Site::new().await;
     site.configure("env-dev", json!({"health": {"deadline_secs": 60}}))
         .await;
-    site.image("v1", "healthy").await;
-    site.image("crash", "crash").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(CRASH, "crash").await;
+    site.deploy(V1).await;
 
     let started = Instant::now();
-    let run = site.deploy("crash").await;
+    let run = site.deploy(CRASH).await;
 
     let elapsed = started.elapsed().as_secs();
     let (status, metadata) = site.run(run).await;
@@ -181,15 +181,15 @@ async fn container_exit_fails_the_gate_at_once() {
         elapsed < 30,
         "the gate waited {elapsed} s of its 60 s deadline"
     );
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
 async fn failed_first_deploy_stops_the_container() {
     let site = Site::new().await;
-    site.image("bad", "unhealthy").await;
+    site.image(BAD, "unhealthy").await;
 
-    let run = site.deploy("bad").await;
+    let run = site.deploy(BAD).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
@@ -205,16 +205,16 @@ async fn failed_first_deploy_stops_the_container() {
 #[tokio::test]
 async fn missing_image_leaves_live_container_untouched() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.deploy(V1).await;
     let (_, _, live_id) = site.container_state(&site.name).await.unwrap();
 
-    let run = site.deploy("neverbuilt").await;
+    let run = site.deploy(NEVER_BUILT).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
     assert_eq!(metadata["failed_step"], "image");
-    assert!(metadata["error"].as_str().unwrap().contains("neverbuilt"));
+    assert!(metadata["error"].as_str().unwrap().contains(NEVER_BUILT));
     let (running, _, id) = site.container_state(&site.name).await.unwrap();
     assert!(running);
     assert_eq!(id, live_id);
@@ -222,14 +222,14 @@ async fn missing_image_leaves_live_container_untouched() {
         .container_state(&format!("{}-previous", site.name))
         .await
         .is_none());
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
 async fn leftover_containers_do_not_block_a_deploy() {
     let site = Site::new().await;
-    let leftover = site.image("v0", "healthy").await;
-    site.image("v1", "healthy").await;
+    let leftover = site.image(V0, "healthy").await;
+    site.image(V1, "healthy").await;
     for suffix in ["-update", "-previous"] {
         let name = format!("{}{suffix}", site.name);
         let options = bollard::query_parameters::CreateContainerOptionsBuilder::default()
@@ -245,7 +245,7 @@ async fn leftover_containers_do_not_block_a_deploy() {
             .unwrap();
     }
 
-    let run = site.deploy("v1").await;
+    let run = site.deploy(V1).await;
 
     assert_eq!(
         site.run(run).await.0,
@@ -253,28 +253,28 @@ async fn leftover_containers_do_not_block_a_deploy() {
         "{}",
         site.event_text(run).await
     );
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
 async fn filestore_survives_deploy_failed_deploy_and_rollback() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("v2", "healthy").await;
-    site.image("bad", "unhealthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(V2, "healthy").await;
+    site.image(BAD, "unhealthy").await;
+    site.deploy(V1).await;
     site.in_data_volume(
         "mkdir -p /var/lib/odoo/filestore/odoo_dev/3f && \
          echo invoice-42 > /var/lib/odoo/filestore/odoo_dev/3f/3f9a",
     )
     .await;
 
-    let ok = site.deploy("v2").await;
-    let failed = site.deploy("bad").await;
+    let ok = site.deploy(V2).await;
+    let failed = site.deploy(BAD).await;
 
     assert_eq!(site.run(ok).await.0, "success");
     assert_eq!(site.run(failed).await.0, "failed");
-    assert_eq!(site.run(failed).await.1["rolled_back_to"], "v2");
+    assert_eq!(site.run(failed).await.1["rolled_back_to"], V2);
     let content = site
         .in_data_volume("cat /var/lib/odoo/filestore/odoo_dev/3f/3f9a")
         .await;
@@ -286,9 +286,9 @@ async fn module_update_runs_in_the_data_volume_before_start() {
     let site = Site::new().await;
     site.configure("env-dev", json!({"update": ["sale", "stock"]}))
         .await;
-    site.image("v1", "healthy").await;
+    site.image(V1, "healthy").await;
 
-    let run = site.deploy("v1").await;
+    let run = site.deploy(V1).await;
 
     assert_eq!(
         site.run(run).await.0,
@@ -309,12 +309,12 @@ async fn module_update_runs_in_the_data_volume_before_start() {
 #[tokio::test]
 async fn failed_module_update_restarts_the_old_version() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("broken", "fail_update").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(BROKEN_UPDATE, "fail_update").await;
+    site.deploy(V1).await;
     site.configure("env-dev", json!({"update": "all"})).await;
 
-    let run = site.deploy("broken").await;
+    let run = site.deploy(BROKEN_UPDATE).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
@@ -323,7 +323,7 @@ async fn failed_module_update_restarts_the_old_version() {
         .as_str()
         .unwrap()
         .contains("exited with code 255"));
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
     let events = site.events(run).await;
     assert!(events
         .iter()
@@ -333,19 +333,19 @@ async fn failed_module_update_restarts_the_old_version() {
 #[tokio::test]
 async fn update_error_line_fails_despite_exit_code_zero() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("noisy", "update_error").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(NOISY_UPDATE, "update_error").await;
+    site.deploy(V1).await;
     site.configure("env-dev", json!({"update": ["sale"]})).await;
 
-    let run = site.deploy("noisy").await;
+    let run = site.deploy(NOISY_UPDATE).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
     let error = metadata["error"].as_str().unwrap();
     assert!(error.contains("exited with code 0"), "{error}");
     assert!(error.contains("field missing"), "{error}");
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
@@ -354,7 +354,7 @@ async fn invalid_environment_config_fails_before_docker() {
     site.configure("env-dev", json!({"health": {"interval_secs": -1}}))
         .await;
 
-    let run = site.deploy("v1").await;
+    let run = site.deploy(V1).await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
@@ -368,12 +368,12 @@ async fn container_restart_fails_the_gate_at_once() {
     let site = Site::new().await;
     let extra = json!({"restart_policy": "always", "health": {"deadline_secs": 60}});
     site.configure("env-dev", extra).await;
-    site.image("v1", "healthy").await;
-    site.image("crash", "crash").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(CRASH, "crash").await;
+    site.deploy(V1).await;
 
     let started = Instant::now();
-    let run = site.deploy("crash").await;
+    let run = site.deploy(CRASH).await;
 
     let elapsed = started.elapsed().as_secs();
     let (status, metadata) = site.run(run).await;
@@ -388,8 +388,8 @@ async fn container_restart_fails_the_gate_at_once() {
         elapsed < 30,
         "the gate waited {elapsed} s of its 60 s deadline"
     );
-    assert_eq!(metadata["rolled_back_to"], "v1");
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(metadata["rolled_back_to"], V1);
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
@@ -397,12 +397,12 @@ async fn cancelled_deploy_puts_the_previous_version_back() {
     let site = Site::new().await;
     site.configure("env-dev", json!({"health": {"deadline_secs": 60}}))
         .await;
-    site.image("v1", "healthy").await;
-    site.image("bad", "unhealthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(BAD, "unhealthy").await;
+    site.deploy(V1).await;
 
     let run = site
-        .queue("env-dev", "bad", json!({"workflow": "deploy"}))
+        .queue("env-dev", BAD, json!({"workflow": "deploy"}))
         .await;
     let agent = site.run_agent("lease_secs = 6\nheartbeat_interval_secs = 1\n");
     let cancel = async {
@@ -426,7 +426,7 @@ async fn cancelled_deploy_puts_the_previous_version_back() {
         "{}",
         site.event_text(run).await
     );
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
     let text = site.event_text(run).await;
     assert!(
         text.contains("Started the previous container again"),

@@ -6,7 +6,7 @@ mod common;
 mod deploy_support;
 
 use backup_support::{OdooDb, PARTNERS};
-use deploy_support::Site;
+use deploy_support::{Site, BAD, V1};
 use serde_json::json;
 
 /// Points env-prod at the Odoo database, with no reviewers so the test needs none, and
@@ -52,13 +52,13 @@ async fn prod_update_is_backed_up_and_restored_on_rollback() {
     let site = Site::new().await;
     let odoo = OdooDb::create().await;
     let backup_settings = prepare_prod(&site, &odoo).await;
-    site.image("v1", "healthy").await;
-    site.image("bad", "unhealthy").await;
+    site.image(V1, "healthy").await;
+    site.image(BAD, "unhealthy").await;
     let metadata = json!({"workflow": "deploy", "triggered_by": "ann"});
 
-    let good = site.queue("env-prod", "v1", metadata.clone()).await;
+    let good = site.queue("env-prod", V1, metadata.clone()).await;
     site.run_agent(&backup_settings).await;
-    let bad = site.queue("env-prod", "bad", metadata).await;
+    let bad = site.queue("env-prod", BAD, metadata).await;
     site.run_agent(&backup_settings).await;
 
     assert_eq!(
@@ -69,11 +69,11 @@ async fn prod_update_is_backed_up_and_restored_on_rollback() {
     );
     let (status, run_metadata) = site.run(bad).await;
     assert_eq!(status, "failed");
-    assert_eq!(run_metadata["rolled_back_to"], "v1");
+    assert_eq!(run_metadata["rolled_back_to"], V1);
     assert_eq!(pre_deploy_backups(&site).await, vec!["success", "success"]);
     let text = site.event_text(bad).await;
     assert!(text.contains("taken before the module update"), "{text}");
     assert!(text.contains(&format!("over {} in", odoo.name)), "{text}");
     assert_eq!(odoo.count(&odoo.name, "res_partner").await, PARTNERS);
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }

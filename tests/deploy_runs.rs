@@ -6,7 +6,7 @@ mod deploy_support;
 
 use bollard::auth::DockerCredentials;
 use bollard::query_parameters::{PushImageOptionsBuilder, TagImageOptionsBuilder};
-use deploy_support::{free_port, write_file, Site};
+use deploy_support::{free_port, write_file, Site, BAD, V0, V1, V2};
 use futures_util::TryStreamExt;
 use serde_json::json;
 use uuid::Uuid;
@@ -40,11 +40,11 @@ async fn review(site: &Site, run: Uuid, reviewer: &str) {
 async fn promote_deploys_a_sha_that_passed_in_the_source() {
     let site = Site::new().await;
     let staging_port = add_environment(&site, "env-staging").await;
-    site.image("v1", "healthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.deploy(V1).await;
 
     let metadata = json!({"workflow": "promote", "source_env": "dev", "triggered_by": "ann"});
-    let run = site.queue("env-staging", "v1", metadata).await;
+    let run = site.queue("env-staging", V1, metadata).await;
     site.run_agent("").await;
 
     assert_eq!(
@@ -54,19 +54,19 @@ async fn promote_deploys_a_sha_that_passed_in_the_source() {
         site.event_text(run).await
     );
     let version = deploy_support::http_get(staging_port, "/web/version").await;
-    assert_eq!(version.as_deref(), Some("v1"));
+    assert_eq!(version.as_deref(), Some(V1));
 }
 
 #[tokio::test]
 async fn promote_of_a_sha_never_deployed_is_rejected() {
     let site = Site::new().await;
     add_environment(&site, "env-staging").await;
-    site.image("v1", "healthy").await;
-    site.image("v2", "healthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.image(V2, "healthy").await;
+    site.deploy(V1).await;
 
     let metadata = json!({"workflow": "promote", "source_env": "env-dev"});
-    let run = site.queue("env-staging", "v2", metadata).await;
+    let run = site.queue("env-staging", V2, metadata).await;
     site.run_agent("").await;
 
     let (status, metadata) = site.run(run).await;
@@ -85,11 +85,11 @@ async fn promote_of_a_sha_never_deployed_is_rejected() {
 async fn promotion_to_prod_waits_for_two_approvals() {
     let site = Site::new().await;
     let prod_port = add_environment(&site, "env-prod").await;
-    site.image("v1", "healthy").await;
-    site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    site.deploy(V1).await;
 
     let metadata = json!({"workflow": "promote", "source_env": "dev", "approved_by": "ann"});
-    let run = site.queue("env-prod", "v1", metadata).await;
+    let run = site.queue("env-prod", V1, metadata).await;
     site.run_agent("").await;
     assert_eq!(site.run(run).await.0, "pending_approval");
 
@@ -107,7 +107,7 @@ async fn promotion_to_prod_waits_for_two_approvals() {
         deploy_support::http_get(prod_port, "/web/version")
             .await
             .as_deref(),
-        Some("v1")
+        Some(V1)
     );
     let text = site.event_text(run).await;
     assert!(text.contains("Approved by bob, cy"), "{text}");
@@ -116,52 +116,52 @@ async fn promotion_to_prod_waits_for_two_approvals() {
 #[tokio::test]
 async fn rollback_run_redeploys_the_earlier_image() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("v2", "healthy").await;
-    let first = site.deploy("v1").await;
-    let second = site.deploy("v2").await;
+    site.image(V1, "healthy").await;
+    site.image(V2, "healthy").await;
+    let first = site.deploy(V1).await;
+    let second = site.deploy(V2).await;
 
     let metadata = json!({
         "workflow": "rollback", "rollback_from": second, "rollback_to": first,
         "triggered_by": "manual",
     });
-    let run = site.queue("env-dev", "v1", metadata).await;
+    let run = site.queue("env-dev", V1, metadata).await;
     site.run_agent("").await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "success", "{}", site.event_text(run).await);
-    assert_eq!(metadata["deployed_sha"], "v1");
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(metadata["deployed_sha"], V1);
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
 async fn rollback_to_a_failed_run_is_rejected() {
     let site = Site::new().await;
-    site.image("v1", "healthy").await;
-    site.image("bad", "unhealthy").await;
-    site.deploy("v1").await;
-    let failed = site.deploy("bad").await;
+    site.image(V1, "healthy").await;
+    site.image(BAD, "unhealthy").await;
+    site.deploy(V1).await;
+    let failed = site.deploy(BAD).await;
 
     let metadata = json!({"workflow": "rollback", "rollback_to": failed});
-    let run = site.queue("env-dev", "bad", metadata).await;
+    let run = site.queue("env-dev", BAD, metadata).await;
     site.run_agent("").await;
 
     let (status, metadata) = site.run(run).await;
     assert_eq!(status, "failed");
     let error = metadata["error"].as_str().unwrap();
     assert!(error.contains("finished with status failed"), "{error}");
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
 }
 
 #[tokio::test]
 async fn rollback_to_another_environments_run_is_rejected() {
     let site = Site::new().await;
     add_environment(&site, "env-staging").await;
-    site.image("v1", "healthy").await;
-    let dev_run = site.deploy("v1").await;
+    site.image(V1, "healthy").await;
+    let dev_run = site.deploy(V1).await;
 
     let metadata = json!({"workflow": "rollback", "rollback_to": dev_run});
-    let run = site.queue("env-staging", "v1", metadata).await;
+    let run = site.queue("env-staging", V1, metadata).await;
     site.run_agent("").await;
 
     let (status, metadata) = site.run(run).await;
@@ -233,7 +233,7 @@ async fn push_to_registry(site: &Site, registry: &Registry, sha: &str) -> String
 async fn image_is_pulled_with_registry_credentials() {
     let site = Site::new().await;
     let registry = registry();
-    let remote = push_to_registry(&site, &registry, "v1").await;
+    let remote = push_to_registry(&site, &registry, V1).await;
     let password = write_file(
         site.work_dir.path(),
         "registry-password",
@@ -247,7 +247,7 @@ async fn image_is_pulled_with_registry_credentials() {
     );
 
     let run = site
-        .queue("env-dev", "v1", json!({"workflow": "deploy"}))
+        .queue("env-dev", V1, json!({"workflow": "deploy"}))
         .await;
     site.run_agent(&settings).await;
 
@@ -260,7 +260,7 @@ async fn image_is_pulled_with_registry_credentials() {
     let text = site.event_text(run).await;
     assert!(text.contains(&format!("Pulled image {remote}")), "{text}");
     assert!(!text.contains(&registry.password), "{text}");
-    assert_eq!(site.get("/web/version").await.as_deref(), Some("v1"));
+    assert_eq!(site.get("/web/version").await.as_deref(), Some(V1));
     let _ = site
         .docker
         .remove_image(
@@ -279,13 +279,13 @@ async fn image_is_pulled_with_registry_credentials() {
 async fn pull_without_credentials_fails_before_the_container() {
     let site = Site::new().await;
     let registry = registry();
-    site.image("v0", "healthy").await;
-    site.deploy("v0").await;
+    site.image(V0, "healthy").await;
+    site.deploy(V0).await;
     let (_, _, live_id) = site.container_state(&site.name).await.unwrap();
-    push_to_registry(&site, &registry, "v1").await;
+    push_to_registry(&site, &registry, V1).await;
 
     let run = site
-        .queue("env-dev", "v1", json!({"workflow": "deploy"}))
+        .queue("env-dev", V1, json!({"workflow": "deploy"}))
         .await;
     site.run_agent("").await;
 
@@ -312,7 +312,7 @@ async fn agent_rejects_prod_run_that_skipped_approval() {
         .await
         .unwrap();
     let metadata = json!({"workflow": "deploy", "triggered_by": "ann"});
-    let run = site.queue("env-prod", "v1", metadata).await;
+    let run = site.queue("env-prod", V1, metadata).await;
     client
         .batch_execute("ALTER TABLE ops.runs ENABLE TRIGGER runs_require_approval")
         .await
@@ -338,7 +338,7 @@ async fn agent_rejects_prod_run_that_skipped_approval() {
 async fn image_is_pulled_with_the_build_registry_login() {
     let site = Site::new().await;
     let registry = registry();
-    let remote = push_to_registry(&site, &registry, "v1").await;
+    let remote = push_to_registry(&site, &registry, V1).await;
     site.set_image_repository(&site.repo).await;
     let password = write_file(
         site.work_dir.path(),
@@ -353,7 +353,7 @@ async fn image_is_pulled_with_the_build_registry_login() {
     );
 
     let run = site
-        .queue("env-dev", "v1", json!({"workflow": "deploy"}))
+        .queue("env-dev", V1, json!({"workflow": "deploy"}))
         .await;
     site.run_agent(&settings).await;
 

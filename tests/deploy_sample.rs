@@ -5,7 +5,7 @@ mod common;
 mod deploy_support;
 
 use bollard::query_parameters::BuildImageOptionsBuilder;
-use deploy_support::Site;
+use deploy_support::{Site, BAD, V1};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -54,11 +54,11 @@ async fn build_sample(site: &Site, tag: &str, marker: Option<&str>) {
 async fn sample_project_deploys_updates_and_rolls_back() {
     let site = Site::new().await;
     site.configure("env-dev", json!({"update": "all"})).await;
-    build_sample(&site, "good", None).await;
-    build_sample(&site, "broken", Some("unhealthy")).await;
+    build_sample(&site, V1, None).await;
+    build_sample(&site, BAD, Some("unhealthy")).await;
 
-    let first = site.deploy("good").await;
-    let second = site.deploy("broken").await;
+    let first = site.deploy(V1).await;
+    let second = site.deploy(BAD).await;
 
     assert_eq!(
         site.run(first).await.0,
@@ -68,7 +68,7 @@ async fn sample_project_deploys_updates_and_rolls_back() {
     );
     let (status, metadata) = site.run(second).await;
     assert_eq!(status, "failed");
-    assert_eq!(metadata["rolled_back_to"], "good");
+    assert_eq!(metadata["rolled_back_to"], V1);
     assert_eq!(metadata["rollback_healthy"], true);
     assert!(site.get("/web/health").await.unwrap().contains("pass"));
     let first_text = site.event_text(first).await;

@@ -29,15 +29,21 @@ pub enum StopReason {
     LeaseLost,
 }
 
-/// The first stop reason wins; later ones change nothing.
+/// The first stop reason wins, and later ones change nothing. A lost lease fires
+/// `lease_lost` even when another reason came first.
 #[derive(Default)]
 struct Stop {
     token: CancellationToken,
     reason: OnceLock<StopReason>,
+    /// Fires when the lease is lost, which ends every retry of a write for the run.
+    lease_lost: CancellationToken,
 }
 
 impl Stop {
     fn request(&self, reason: StopReason) {
+        if reason == StopReason::LeaseLost {
+            self.lease_lost.cancel();
+        }
         if self.reason.set(reason).is_ok() {
             self.token.cancel();
         }
@@ -72,7 +78,8 @@ async fn execute_in_span(run: ClaimedRun, claimed_at: Instant, shared: Arc<Share
     let started = Instant::now();
     let lease = run.lease;
     let stop = Arc::new(Stop::default());
-    let events = EventSink::start(shared.queue.pool().clone(), lease);
+    let pool = shared.queue.pool().clone();
+    let events = EventSink::start_with_expiry(pool, lease, stop.lease_lost.clone());
     let _watchers = watch_over(&run, claimed_at, &shared, &stop);
 
     tracing::info!("run started");
@@ -95,15 +102,7 @@ async fn execute_in_span(run: ClaimedRun, claimed_at: Instant, shared: Arc<Share
     let result = run_workflow(&ctx, &shared, &stop).await;
     drop(ctx);
 
-    conclude(
-        &shared.queue,
-        lease,
-        &events,
-        stop.reason(),
-        result,
-        started,
-    )
-    .await;
+    conclude(&shared.queue, lease, &events, &stop, result, started).await;
 }
 
 /// Starts the tasks that renew the lease and turn a hand-back request into a stop. They
@@ -219,14 +218,14 @@ async fn conclude(
     queue: &Queue,
     lease: Lease,
     events: &EventSink,
-    reason: Option<StopReason>,
+    stop: &Stop,
     result: RunResult,
     started: Instant,
 ) {
-    let (ending, message) = ending(reason, result, started.elapsed().as_secs_f64());
+    let (ending, message) = ending(stop.reason(), result, started.elapsed().as_secs_f64());
     let (status, metadata) = match ending {
         Ending::Abandon => {
-            tracing::warn!("lease lost; the run was taken back and is abandoned here");
+            report_unfinished("abandoned");
             return;
         }
         Ending::HandBack => {
@@ -249,10 +248,10 @@ async fn conclude(
     };
     events.send(level, message, None).await;
     if let FlushOutcome::LeaseLost { .. } = events.flush().await {
-        tracing::warn!("lease lost before the run could be finished");
+        report_unfinished(status.as_str());
         return;
     }
-    let mut result = finish_with_retry(queue, lease, status, &metadata).await;
+    let mut result = finish_with_retry(queue, lease, status, &metadata, &stop.lease_lost).await;
     if let Err(QueueError::Rejected(reason)) = &result {
         // Left running, the run would be reaped and executed again.
         let error = format!("finishing the run as {} failed: {reason}", status.as_str());
@@ -260,9 +259,24 @@ async fn conclude(
         events.error(error.clone()).await;
         events.flush().await;
         let metadata = json!({ "error": error, "failed_step": "finish" });
-        result = finish_with_retry(queue, lease, FinalStatus::Failed, &metadata).await;
+        let failed = FinalStatus::Failed;
+        result = finish_with_retry(queue, lease, failed, &metadata, &stop.lease_lost).await;
     }
-    report(result, status.as_str());
+    match result {
+        Err(QueueError::LeaseLost { .. }) => report_unfinished(status.as_str()),
+        other => report(other, status.as_str()),
+    }
+}
+
+/// Logs a run whose outcome could not be stored before its lease was lost. Unless
+/// another agent took the run over, the control plane keeps it as running until the
+/// reaper takes it back.
+fn report_unfinished(outcome: &str) {
+    tracing::error!(
+        outcome,
+        "the lease was lost before the run's outcome was stored; the run is left to the \
+         reaper or to the agent that took it over"
+    );
 }
 
 /// Makes a workflow's result mergeable into the run's metadata, which must be a JSON
@@ -288,20 +302,27 @@ fn report(result: Result<(), QueueError>, what: &str) {
     }
 }
 
-/// Finishes the run, retrying while the database is unreachable. The heartbeat keeps the
-/// lease meanwhile; if the outage outlasts the lease, the run is reaped instead.
+/// Finishes the run, retrying while the database is unavailable. The heartbeat keeps
+/// the lease meanwhile. When the outage outlasts the lease, `lease_lost` fires and this
+/// returns [`QueueError::LeaseLost`], leaving the run to the reaper.
 async fn finish_with_retry(
     queue: &Queue,
     lease: Lease,
     status: FinalStatus,
     metadata: &Value,
+    lease_lost: &CancellationToken,
 ) -> Result<(), QueueError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match queue.finish(lease, status, metadata).await {
             Err(err) if err.is_unavailable() => {
                 tracing::warn!(error = %err, "finishing the run failed; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = lease_lost.cancelled() => {
+                        return Err(QueueError::LeaseLost { run_id: lease.run_id });
+                    }
+                }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             other => return other,

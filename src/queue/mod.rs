@@ -112,7 +112,8 @@ pub enum QueueError {
     /// The lease expired and the run was taken back: stop working on it, write nothing.
     #[error("lease on run {run_id} is no longer held by this agent")]
     LeaseLost { run_id: Uuid },
-    /// The database could not be reached or the connection broke: back off and retry.
+    /// The database could not be reached, refused the connection, or the connection broke:
+    /// back off and retry.
     #[error("control plane database unavailable: {0}")]
     Unavailable(String),
     /// The database rejected the call: retrying the same call will not help.
@@ -129,11 +130,12 @@ impl QueueError {
         }
     }
 
+    /// Classifies a failure to get a pooled connection as an outage. The statement never
+    /// reached the server, so a server error such as 3D000 (the database does not exist)
+    /// or 28P01 (password authentication failed) does not mean the call is invalid. The
+    /// call may succeed once an operator fixes the database or the login.
     fn from_pool(err: deadpool_postgres::PoolError) -> QueueError {
-        match err {
-            deadpool_postgres::PoolError::Backend(err) => QueueError::from_pg(err, None),
-            other => QueueError::Unavailable(other.to_string()),
-        }
+        QueueError::Unavailable(pool_error_text(&err))
     }
 
     pub fn is_unavailable(&self) -> bool {
@@ -155,6 +157,17 @@ pub fn db_error_text(err: &tokio_postgres::Error) -> String {
         cause = source.source();
     }
     text
+}
+
+/// Describes a failure to get a pooled connection, with the server's message and SQLSTATE
+/// when connecting failed.
+pub fn pool_error_text(err: &deadpool_postgres::PoolError) -> String {
+    match err {
+        deadpool_postgres::PoolError::Backend(err) => {
+            format!("connecting failed: {}", db_error_text(err))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A run whose lease expired, as reported by the reaper.

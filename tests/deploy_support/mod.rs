@@ -30,6 +30,22 @@ const FAKE_ODOO: &str = include_str!("fake-odoo.sh");
 const SERVICES_ADVICE: &str = "start the test services with scripts/services and source \
                                .state/services.env";
 
+/// Commit shas of the test images. Deploys accept only commit shas (7 to 64 hex digits),
+/// and every test builds its images in a repository of its own, so tests share these.
+pub const V0: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
+pub const V1: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+pub const V2: &str = "a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2";
+/// For images whose health check fails.
+pub const BAD: &str = "badbadbadbadbadbadbadbadbadbadbadbadbad0";
+/// For images whose server exits soon after it starts.
+pub const CRASH: &str = "deaddeaddeaddeaddeaddeaddeaddeaddeaddead";
+/// For images whose module update fails.
+pub const BROKEN_UPDATE: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
+/// For images whose module update logs an error but exits 0.
+pub const NOISY_UPDATE: &str = "e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0";
+/// A sha no test builds an image for.
+pub const NEVER_BUILT: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
+
 pub fn busybox_path() -> String {
     std::env::var("ODOOOPS_TEST_BUSYBOX")
         .unwrap_or_else(|_| panic!("ODOOOPS_TEST_BUSYBOX is not set: {SERVICES_ADVICE}"))

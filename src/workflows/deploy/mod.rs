@@ -3,9 +3,10 @@
 //!
 //! The steps of a run, in order:
 //!
-//! 1. validate: read the environment's config, work out the sha (a promotion must have
-//!    passed in its source environment, a rollback target must be an earlier successful
-//!    deploy of this environment) and check the run's approvals.
+//! 1. validate: read the environment's config, work out the sha and check the run's
+//!    approvals. The sha must be a commit sha, never a tag. A promotion must have passed
+//!    in its source environment, and a rollback target must be an earlier successful
+//!    deploy of this environment.
 //! 2. image: find `<project image>:<sha>` on this host or pull it. Until here nothing
 //!    touched the live container.
 //! 3. replace: stop the live container and keep it as `<name>-previous`.

@@ -9,6 +9,7 @@ use super::health::GateReport;
 use super::target::{self, PastDeploy};
 use super::{hooks, Deploy, UpdateOutcome};
 use crate::events::Level;
+use crate::source::GitSha;
 use crate::workflows::StepError;
 
 /// Output lines of the failed container copied into the events.
@@ -127,7 +128,9 @@ impl Deploy<'_> {
         let kept_sha = kept
             .as_ref()
             .and_then(|kept| container::label(kept, LABEL_SHA));
-        if kept_sha.as_deref() == Some(previous.git_sha.as_str()) {
+        // The kept container runs the image that was deployed, even when the history
+        // recorded a tag that points at another commit by now.
+        if kept_sha.is_some_and(|sha| sha.eq_ignore_ascii_case(&previous.git_sha)) {
             container::reinstate_previous(&self.docker, &self.config).await?;
             self.ctx
                 .events
@@ -137,9 +140,15 @@ impl Deploy<'_> {
                 ))
                 .await;
         } else {
-            let image = target::image_for(&self.site, &previous.git_sha)?;
+            let sha = GitSha::parse(&previous.git_sha).map_err(|err| {
+                anyhow!(
+                    "the kept container is gone, and the previous deploy's git_sha is not a \
+                     commit sha ({err}), so the image of that tag may hold another commit now"
+                )
+            })?;
+            let image = target::image_for(&self.site, sha.as_str())?;
             self.fetch_image(&image).await?;
-            let labels = self.labels(&previous.git_sha);
+            let labels = self.labels(sha.as_str());
             let body = container::server_body(&self.config, &image, &labels, &self.env);
             container::start_new(&self.docker, &self.config.container_name, body).await?;
             self.ctx

@@ -2,12 +2,13 @@
 //! or rollback, and the environment's deploy history. All of the deploy workflow's SQL is
 //! here.
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use deadpool_postgres::Pool;
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::source::GitSha;
 use crate::workflows::{RunContext, StepError, StepResultExt};
 
 /// Workflows whose successful runs put an image into an environment.
@@ -115,18 +116,17 @@ pub async fn previous_deploy(
     }))
 }
 
-/// Docker's rule for tags, which a sha becomes: word characters, '.' and '-', at most 128.
-pub fn check_sha(sha: &str) -> anyhow::Result<()> {
-    let mut chars = sha.chars();
-    let first = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    let rest = chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if first && rest && sha.len() <= 128 {
-        Ok(())
-    } else {
-        bail!("git_sha {sha:?} cannot be an image tag: expected letters, digits, '_', '.', '-'")
-    }
+/// Parses the sha a run deploys, which must be a commit sha of 7 to 64 hex digits. The
+/// history records this sha as deployed, and promotions and rollbacks go back to it, so a
+/// tag or branch name that can later point at another commit is rejected. The result is
+/// lowercase, as git prints the commits whose images the build pushes.
+pub fn commit_sha(sha: &str) -> Result<GitSha, StepError> {
+    GitSha::parse(sha).map_err(|err| {
+        StepError::invalid(format!(
+            "{err}; deploy, promote and rollback runs need a commit sha, not a tag or \
+             branch name, which can move to another commit"
+        ))
+    })
 }
 
 /// Returns the image of a sha: the project's image repository tagged with the sha.
@@ -158,19 +158,20 @@ struct RollbackMetadata {
 /// Works out what the run deploys, and rejects a promotion or rollback that the history
 /// does not support.
 pub async fn resolve(ctx: &RunContext, kind: Kind, site: &Site) -> Result<Target, StepError> {
-    let run_sha = ctx.run.git_sha.clone().filter(|sha| !sha.is_empty());
+    let run_sha = ctx.run.git_sha.as_deref().filter(|sha| !sha.is_empty());
+    let run_sha = run_sha.map(commit_sha).transpose()?;
     let (sha, description) = match kind {
         Kind::Deploy => {
             let sha = run_sha.ok_or_else(|| StepError::invalid("a deploy run needs a git_sha"))?;
-            (sha.clone(), format!("deploy of {sha}"))
+            let description = format!("deploy of {sha}");
+            (sha, description)
         }
         Kind::Promote => resolve_promotion(ctx, site, run_sha).await?,
         Kind::Rollback => resolve_rollback(ctx, site, run_sha).await?,
     };
-    check_sha(&sha).map_err(StepError::invalid)?;
-    let image = image_for(site, &sha).map_err(StepError::invalid)?;
+    let image = image_for(site, sha.as_str()).map_err(StepError::invalid)?;
     Ok(Target {
-        git_sha: sha,
+        git_sha: sha.to_string(),
         image,
         description,
     })
@@ -179,8 +180,8 @@ pub async fn resolve(ctx: &RunContext, kind: Kind, site: &Site) -> Result<Target
 async fn resolve_promotion(
     ctx: &RunContext,
     site: &Site,
-    run_sha: Option<String>,
-) -> Result<(String, String), StepError> {
+    run_sha: Option<GitSha>,
+) -> Result<(GitSha, String), StepError> {
     let metadata: PromoteMetadata = ctx.metadata()?;
     let source = metadata
         .source_env
@@ -207,10 +208,15 @@ async fn resolve_promotion(
     let deployed = client
         .query_opt(
             "SELECT run_id FROM ops.runs
-              WHERE project_id = $1 AND env_id = $2 AND git_sha = $3 AND status = 'success'
-                AND workflow = ANY ($4)
+              WHERE project_id = $1 AND env_id = $2 AND lower(git_sha) = $3
+                AND status = 'success' AND workflow = ANY ($4)
               ORDER BY finished_at DESC NULLS LAST LIMIT 1",
-            &[&site.project_id, &source_env, &sha, &DEPLOY_WORKFLOWS],
+            &[
+                &site.project_id,
+                &source_env,
+                &sha.as_str(),
+                &DEPLOY_WORKFLOWS,
+            ],
         )
         .await
         .step("validate")?;
@@ -228,8 +234,8 @@ async fn resolve_promotion(
 async fn resolve_rollback(
     ctx: &RunContext,
     site: &Site,
-    run_sha: Option<String>,
-) -> Result<(String, String), StepError> {
+    run_sha: Option<GitSha>,
+) -> Result<(GitSha, String), StepError> {
     let metadata: RollbackMetadata = ctx.metadata()?;
     let to = metadata
         .rollback_to
@@ -263,8 +269,17 @@ async fn resolve_rollback(
     if status != "success" {
         return reject(format!("it finished with status {status}"));
     }
-    let Some(sha) = sha else {
+    let Some(recorded) = sha else {
         return reject("it has no git_sha".into());
+    };
+    let sha = match GitSha::parse(&recorded) {
+        Ok(sha) => sha,
+        Err(err) => {
+            return reject(format!(
+                "its git_sha is not a commit sha ({err}), so the image of that tag may hold \
+                 another commit by now; deploy the commit sha instead"
+            ))
+        }
     };
     if let Some(run_sha) = run_sha.filter(|run_sha| *run_sha != sha) {
         return reject(format!("it deployed {sha}, but this run names {run_sha}"));
@@ -273,7 +288,8 @@ async fn resolve_rollback(
         .rollback_from
         .map(|id| format!(" from run {id}"))
         .unwrap_or_default();
-    Ok((sha.clone(), format!("rollback{from} to {sha} (run {to})")))
+    let description = format!("rollback{from} to {sha} (run {to})");
+    Ok((sha, description))
 }
 
 /// Returns the reviewers the run needed and the distinct reviewers other than its requester who
