@@ -11,15 +11,19 @@ use serde_json::json;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+/// The whole commit id that the build of the abbreviated sha 'abc1234' resolves to.
+const COMMIT: &str = "abc1234def5678901234567890abcdef01234567";
+
 /// A build that does nothing but what a real build does at its end: queue the deploy.
 struct QueueingBuild;
 
 impl Workflow for QueueingBuild {
     fn execute<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, RunResult> {
         Box::pin(async move {
-            let deploy = queue_deploy_after_build(ctx, "registry.test/proj:abc")
-                .await
-                .step("deploy")?;
+            let deploy =
+                queue_deploy_after_build(ctx, &format!("registry.test/proj:{COMMIT}"), COMMIT)
+                    .await
+                    .step("deploy")?;
             Ok(json!({ "deploy_run_id": deploy }))
         })
     }
@@ -29,7 +33,7 @@ async fn build(db: &TestDb, client: &Client, git_ref: &str) -> Option<(String, S
     let metadata = json!({"workflow": "build", "triggered_by": "ann"});
     let row = client
         .query_one(
-            "SELECT run_id FROM ops.queue_run('proj', 'dev', 'abc', $1, $2)",
+            "SELECT run_id FROM ops.queue_run('proj', 'dev', 'abc1234', $1, $2)",
             &[&git_ref, &metadata],
         )
         .await
@@ -54,13 +58,19 @@ async fn build(db: &TestDb, client: &Client, git_ref: &str) -> Option<(String, S
     let deploy: Uuid = serde_json::from_value(metadata["deploy_run_id"].clone()).ok()?;
     let row = client
         .query_one(
-            "SELECT env_id, status, metadata->>'build_run_id' FROM ops.runs WHERE run_id = $1",
+            "SELECT env_id, status, metadata->>'build_run_id', git_sha FROM ops.runs \
+             WHERE run_id = $1",
             &[&deploy],
         )
         .await
         .unwrap();
     let build_ref: String = row.get(2);
     assert_eq!(build_ref, build_id.to_string());
+    let deploy_sha: String = row.get(3);
+    assert_eq!(
+        deploy_sha, COMMIT,
+        "the deploy names the tag the build pushed"
+    );
     Some((row.get(0), row.get(1), deploy))
 }
 

@@ -149,12 +149,17 @@ async fn store_log(ctx: &RunContext, log: BuildLog) -> anyhow::Result<String> {
 /// Queues the deploy that the branch rules give for the built branch, and records its run
 /// id as `deploy_run_id`.
 async fn queue_deploy(ctx: &RunContext, metadata: &mut Value) -> Result<(), StepError> {
-    let image = metadata
-        .get("image")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let deploy = crate::workflows::deploy::queue_deploy_after_build(ctx, &image)
+    let field = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    // The deploy pulls the tag the build pushed, which is the whole commit id even when
+    // the build was queued with an abbreviated one.
+    let (image, commit) = (field("image"), field("git_sha_full"));
+    let deploy = crate::workflows::deploy::queue_deploy_after_build(ctx, &image, &commit)
         .await
         .step("queue deploy")?;
     if let (Some(run_id), Value::Object(fields)) = (deploy, metadata) {

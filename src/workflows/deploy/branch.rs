@@ -13,14 +13,16 @@ use crate::workflows::RunContext;
 
 /// Queues the deploy of the build run in `ctx` that the branch rules give, and returns
 /// its run id, or `None` when no rule deploys the branch. `image` is the pushed image,
-/// recorded in the deploy run's metadata. A build that is retried after queuing gets the
-/// same deploy run back instead of a second one.
+/// recorded in the deploy run's metadata, and `git_sha` the whole commit id it is tagged
+/// with. A build that is retried after queuing gets the same deploy run back instead of a
+/// second one.
 pub async fn queue_deploy_after_build(
     ctx: &RunContext,
     image: &str,
+    git_sha: &str,
 ) -> anyhow::Result<Option<Uuid>> {
     let run = &ctx.run;
-    let (Some(git_ref), Some(git_sha)) = (run.git_ref.as_deref(), run.git_sha.as_deref()) else {
+    let (Some(git_ref), false) = (run.git_ref.as_deref(), git_sha.is_empty()) else {
         let message = "No deploy queued: the build has no git_ref or git_sha";
         ctx.events.info(message).await;
         return Ok(None);
