@@ -308,13 +308,31 @@ impl RawLog {
             }
         };
         let filter = self.level.unwrap_or_else(|| "info".to_string());
-        if tracing_subscriber::EnvFilter::try_new(&filter).is_err() {
+        if !is_log_filter(&filter) {
             return Err(ConfigError::invalid(
                 "log.level",
                 format!("{filter:?}"),
-                "expected a level such as info or a filter such as odooops_agent=debug",
+                "expected a level (trace, debug, info, warn, error, off) or a filter such as \
+                 info,odooops_agent=debug",
             ));
         }
         Ok(LogSettings { format, filter })
     }
+}
+
+/// Levels that a log filter directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Tells whether `filter` is a level or a list of `target=level` directives. A bare word
+/// that is no level is rejected: tracing would take it for a target and log nothing
+/// else, so a typo such as "inof" would silence the agent.
+fn is_log_filter(filter: &str) -> bool {
+    let is_level = |word: &str| LOG_LEVELS.contains(&word.trim().to_ascii_lowercase().as_str());
+    let directives_valid = filter
+        .split(',')
+        .all(|directive| match directive.split_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        });
+    directives_valid && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }

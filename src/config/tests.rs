@@ -89,6 +89,31 @@ fn bad_log_format_names_key_and_value() {
 }
 
 #[test]
+fn log_level_typo_names_key_and_value() {
+    for level in ["inof", "warning", "info,bollard=loud", "=debug"] {
+        let err = parse(&format!("[log]\nlevel = {level:?}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{level}: {err}");
+        assert!(err.contains(level), "{level}: {err}");
+    }
+}
+
+#[test]
+fn log_levels_and_directives_are_accepted() {
+    for level in [
+        "debug",
+        "WARN",
+        "off",
+        "info,odooops_agent=trace",
+        "odooops_agent=debug",
+    ] {
+        let settings = parse(&format!("[log]\nlevel = {level:?}\n")).unwrap();
+        assert_eq!(settings.log.filter, level);
+    }
+}
+
+#[test]
 fn docker_host_without_scheme_is_rejected() {
     let err = parse("[docker]\nhost = \"/var/run/docker.sock\"\n")
         .unwrap_err()
