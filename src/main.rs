@@ -253,7 +253,27 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         "database: ok ({target}, schema version {})",
         version.unwrap_or(0)
     );
+    check_environments(settings, &client).await?;
 
+    let engine = tokio::time::timeout(DOCKER_CHECK_TIMEOUT, docker_version(settings))
+        .await
+        .map_err(|_| {
+            Failure::Unavailable(anyhow::anyhow!(
+                "Docker engine at {} did not answer within {} s",
+                docker::address(&settings.docker),
+                DOCKER_CHECK_TIMEOUT.as_secs()
+            ))
+        })??;
+    out!("docker: ok ({engine})");
+    Ok(())
+}
+
+/// Longest wait for the Docker engine in `check`: an engine that accepts connections
+/// but does not answer must not hang the command.
+const DOCKER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects to the engine and describes its version and the negotiated API version.
+async fn docker_version(settings: &Settings) -> Result<String, Failure> {
     let engine = docker::connect(&settings.docker)
         .await
         .map_err(|err| Failure::Unavailable(err.into()))?;
@@ -261,10 +281,45 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         .version()
         .await
         .map_err(|err| Failure::Unavailable(anyhow::anyhow!("Docker engine: {err}")))?;
-    out!(
-        "docker: ok (engine {}, API {})",
+    Ok(format!(
+        "engine {}, API {}",
         version.version.unwrap_or_default(),
         engine.client_version()
-    );
+    ))
+}
+
+/// Fails when agent.environments names an environment that ops.environments lacks: the
+/// agent would wait for runs that can never be queued.
+async fn check_environments(
+    settings: &Settings,
+    client: &tokio_postgres::Client,
+) -> Result<(), Failure> {
+    let configured = &settings.agent.environments;
+    if configured.is_empty() {
+        out!("environments: all");
+        return Ok(());
+    }
+    let rows = client
+        .query(
+            "SELECT env_id FROM ops.environments WHERE env_id = ANY($1)",
+            &[configured],
+        )
+        .await
+        .map_err(|err| {
+            Failure::Unavailable(anyhow::anyhow!(
+                "reading ops.environments failed: {}",
+                db_error_text(&err)
+            ))
+        })?;
+    let known: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    let unknown: Vec<&String> = configured.iter().filter(|id| !known.contains(id)).collect();
+    if !unknown.is_empty() {
+        return Err(Failure::Config(ConfigError::invalid(
+            "agent.environments",
+            format!("{unknown:?}"),
+            "not in ops.environments; use env_id values from that table",
+        )));
+    }
+    out!("environments: ok ({})", known.join(", "));
     Ok(())
 }

@@ -195,3 +195,58 @@ async fn failed_migration_names_the_server_error() {
     );
     assert!(stderr.contains("SQLSTATE 42P07"), "{stderr}");
 }
+
+/// Writes a config for `db` with extra agent keys and a Docker host; returns its path.
+async fn migrated_config(db: &TestDb, dir: &Path, agent_keys: &str, docker_host: &str) -> PathBuf {
+    let migrated = agent(&["migrate"], Some(&db.url));
+    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+    db.seed_project().await;
+    let config = format!("[agent]\n{agent_keys}\n[docker]\nhost = {docker_host:?}\n");
+    write_config(dir, &config)
+}
+
+#[tokio::test]
+async fn check_names_unknown_environments() {
+    let db = TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = "environments = [\"env-dev\", \"env-dvv\"]";
+    let config = migrated_config(&db, dir.path(), keys, "unix:///nonexistent.sock").await;
+
+    let output = agent(
+        &["check", "--config", config.to_str().unwrap()],
+        Some(&db.url),
+    );
+
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("agent.environments"), "{stderr}");
+    assert!(stderr.contains("env-dvv"), "{stderr}");
+    assert!(!stderr.contains("\"env-dev\""), "{stderr}");
+}
+
+#[tokio::test]
+async fn check_gives_up_on_a_silent_engine() {
+    let db = TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    // Accepts connections and never answers, like a hung engine.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let held = std::thread::spawn(move || {
+        let connection = listener.accept();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(connection);
+    });
+    let host = format!("unix://{}", socket.display());
+    let config = migrated_config(&db, dir.path(), "", &host).await;
+
+    let output = agent(
+        &["check", "--config", config.to_str().unwrap()],
+        Some(&db.url),
+    );
+
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("did not answer within 10 s"), "{stderr}");
+    assert!(stderr.contains("silent.sock"), "{stderr}");
+    drop(held);
+}

@@ -113,6 +113,7 @@ pub async fn run(
         environments = ?settings.agent.environments,
         "agent started"
     );
+    warn_unknown_environments(&shared.queue, &settings.agent.environments).await;
     systemd::notify_ready();
 
     let mut tasks = JoinSet::new();
@@ -365,5 +366,25 @@ async fn reap_expired_leases(
                 }
             }
         }
+    }
+}
+
+/// Warns about entries of agent.environments that ops.environments does not have: no
+/// run can be queued for them, so a typo would leave the agent idle without a word. A
+/// database that does not answer is left to the claim loop to report.
+async fn warn_unknown_environments(queue: &Queue, configured: &[String]) {
+    if configured.is_empty() {
+        return;
+    }
+    let Ok(known) = queue.environment_ids().await else {
+        return;
+    };
+    let unknown: Vec<&String> = configured.iter().filter(|id| !known.contains(id)).collect();
+    if !unknown.is_empty() {
+        tracing::warn!(
+            environments = ?unknown,
+            "agent.environments names environments that ops.environments does not have; \
+             no run will be claimed for them"
+        );
     }
 }
