@@ -158,4 +158,5 @@ async fn daemon_claims_again_after_database_returns() {
     assert!(status.success(), "{}", agent.log());
     let log = agent.log();
     assert!(log.contains("SQLSTATE 3D000"), "{log}");
+    assert!(log.contains("claiming works again"), "{log}");
 }

@@ -179,12 +179,12 @@ async fn claim_loop(
         match claim(shared).await {
             Ok(Some(run)) => {
                 summary.claimed += 1;
-                backoff = Backoff::default();
+                backoff.succeed();
                 tasks.spawn(runner::execute(run, claimed_at, shared.clone(), permit));
             }
             Ok(None) => {
                 drop(permit);
-                backoff = Backoff::default();
+                backoff.succeed();
                 if mode == Mode::Once && tasks.is_empty() {
                     break;
                 }
@@ -236,6 +236,18 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Starts over after a claim that reached the database, and reports the recovery
+    /// when claims had been failing.
+    fn succeed(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(
+                failures = self.failures,
+                "claiming works again; the control plane database answered"
+            );
+        }
+        *self = Backoff::default();
+    }
+
     /// Counts a failure and returns the pause before the next attempt.
     fn fail(&mut self) -> Duration {
         self.failures += 1;

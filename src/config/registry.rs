@@ -79,7 +79,14 @@ impl RawRegistry {
 
 /// Splits `[https://]host[:port][/namespace]` and checks each part.
 fn parse_url(url: &str) -> Result<(String, String), ConfigError> {
-    let invalid = |reason: &str| ConfigError::invalid("registry.url", format!("{url:?}"), reason);
+    let shown = without_userinfo(url);
+    let invalid = |reason: &str| ConfigError::invalid("registry.url", format!("{shown:?}"), reason);
+    if url.contains('@') {
+        return Err(invalid(
+            "put no user or password in the URL; use registry.username and \
+             registry.password_env or password_file",
+        ));
+    }
     if url.starts_with("http://") {
         return Err(invalid(
             "give the host without http://; the engine decides whether to use TLS",
@@ -102,6 +109,20 @@ fn parse_url(url: &str) -> Result<(String, String), ConfigError> {
         ));
     }
     Ok((host.to_string(), namespace.to_string()))
+}
+
+/// Replaces what comes before an `@` in the URL's host part, where a user and password
+/// would be, so that an error message never shows them.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// Checks that `host` is a registry host as Docker references allow it: DNS labels or an
@@ -207,6 +228,18 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("registry.url"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_rejected_unshown() {
+        for url in ["https://bot:hunter2@ghcr.io", "bot:hunter2@ghcr.io/acme"] {
+            let err = registry(&format!("url = \"{url}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("registry.url"), "{url}: {err}");
+            assert!(err.contains("registry.username"), "{url}: {err}");
+            assert!(!err.contains("hunter2"), "{url}: {err}");
         }
     }
 
