@@ -14,17 +14,19 @@ use bollard::{Docker, API_DEFAULT_VERSION};
 
 use crate::config::DockerSettings;
 
+/// The engine's error is part of each message and deliberately not a `source`: a report
+/// that prints the cause chain would otherwise print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
-    #[error("connecting to the Docker engine at {address} failed: {source}")]
+    #[error("connecting to the Docker engine at {address} failed: {cause}")]
     Connect {
         address: String,
-        source: bollard::errors::Error,
+        cause: bollard::errors::Error,
     },
-    #[error("Docker engine at {address} is unreachable: {source}")]
+    #[error("Docker engine at {address} is unreachable: {cause}")]
     Unreachable {
         address: String,
-        source: bollard::errors::Error,
+        cause: bollard::errors::Error,
     },
 }
 
@@ -48,12 +50,12 @@ pub async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
         let http = address.replacen("tcp://", "http://", 1);
         Docker::connect_with_http(&http, timeout, API_DEFAULT_VERSION)
     }
-    .map_err(|source| DockerError::Connect {
+    .map_err(|cause| DockerError::Connect {
         address: address.clone(),
-        source,
+        cause,
     })?;
     client
         .negotiate_version()
         .await
-        .map_err(|source| DockerError::Unreachable { address, source })
+        .map_err(|cause| DockerError::Unreachable { address, cause })
 }
