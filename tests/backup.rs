@@ -205,6 +205,11 @@ async fn unreachable_s3_keeps_older_backups() {
         error.contains("127.0.0.1:1") || error.contains("dispatch"),
         "{error}"
     );
+    assert!(error.contains("onnect"), "the cause is named: {error}");
+    assert!(
+        !error.contains("DispatchFailure {"),
+        "no debug dump: {error}"
+    );
     let run_id = fixture.run_of_backup(failing).await;
     let (run_status, metadata, _) = fixture.run_outcome(run_id).await;
     assert_eq!(run_status, "failed");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::abort_multipart_upload::builders::AbortMultipartUploadFluentBuilder;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -83,13 +83,28 @@ pub fn client_config(settings: &S3Settings) -> aws_sdk_s3::Config {
     builder.build()
 }
 
-/// Formats an SDK error with its cause chain, which names the service's error code.
+/// Formats an SDK error: the service's error code and message when it answered, else
+/// the chain of causes (such as a refused connection), each once and without the
+/// SDK's debug dump of the request.
 fn describe<E, R>(err: &SdkError<E, R>) -> String
 where
-    E: std::error::Error + 'static,
+    E: std::error::Error + ProvideErrorMetadata + 'static,
     R: std::fmt::Debug,
 {
-    DisplayErrorContext(err).to_string()
+    if let Some(code) = err.code() {
+        let message = err.message().unwrap_or("no message");
+        return format!("{code}: {message}");
+    }
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut cause = std::error::Error::source(err);
+    while let Some(next) = cause {
+        let text = next.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        cause = next.source();
+    }
+    parts.join(": ")
 }
 
 impl S3Store {
