@@ -201,3 +201,47 @@ async fn engine_outage_holds_back_builds() {
         .any(|s| s == "claiming runs");
     assert!(up_again, "no status for the engine's return: {statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_loss_fails_a_running_build() {
+    if child::act_as_agent().await {
+        return;
+    }
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = EngineProxy::start(dir.path()).await;
+    // No release file: the child's build blocks, as a build waiting on the engine would.
+    let release = dir.path().join("release");
+    let mut config = agents::config("agent-a", "workflows = [\"build\"]");
+    let socket = proxy.path.display();
+    config.push_str(&format!(
+        "[docker]\nhost = \"unix://{socket}\"\nping_interval_secs = 1\n"
+    ));
+    let mut agent = ChildAgent::spawn(
+        "engine_loss_fails_a_running_build",
+        &db.url,
+        &config,
+        Some(&release),
+    );
+    let build = runs::queue(&client, "env-dev", "build").await;
+    wait_for_status(&client, build, "running").await;
+
+    proxy.set_cut(true);
+    let failed = wait_for_status(&client, build, "failed").await;
+    let events = runs::events(&client, build).await;
+    agent.terminate();
+    let exit = agent.exit_status(LONG).await;
+
+    assert!(
+        exit.success(),
+        "agent exited with {exit}; log:\n{}",
+        agent.log()
+    );
+    let error = failed.metadata["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Docker engine stopped replying"), "{error}");
+    assert_eq!(failed.metadata["failed_step"], "docker");
+    let stopped = runs::messages(&events).contains(&"stopped by cancellation");
+    assert!(stopped, "the workflow was not stopped: {events:?}");
+}

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -19,6 +19,7 @@ use crate::queue::{ClaimedRun, QueueError};
 use crate::systemd;
 use crate::workflows::needs_docker;
 
+use super::runner::{Stop, StopReason};
 use super::Shared;
 
 /// Maximum wait for the engine's reply to a ping. A healthy engine replies within
@@ -30,20 +31,58 @@ const DOWN_STATUS: &str = "Docker engine unreachable; claiming only runs that ne
 /// systemd status line once it is back, the same as at start.
 const UP_STATUS: &str = "claiming runs";
 
-/// Whether the engine replied to its last ping. It stays up for an agent that serves no
-/// run that could need the engine, which never pings it.
+/// Whether the engine replied to its last ping, and since when it has not. It stays up
+/// for an agent that serves no run that could need the engine, which never pings it.
 #[derive(Clone)]
 pub(crate) struct Engine {
     up: Arc<AtomicBool>,
+    down_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Engine {
+    fn new() -> Engine {
+        Engine {
+            up: Arc::new(AtomicBool::new(true)),
+            down_since: Arc::new(Mutex::new(None)),
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// How long the engine has not replied to pings; `None` while it replies.
+    pub fn down_for(&self) -> Option<Duration> {
+        let since = *self.down_since.lock().expect("engine state lock");
+        since.map(|since| since.elapsed())
+    }
+
     fn set(&self, up: bool) {
+        let mut since = self.down_since.lock().expect("engine state lock");
+        *since = if up {
+            None
+        } else {
+            Some((*since).unwrap_or_else(Instant::now))
+        };
         self.up.store(up, Ordering::Relaxed);
+    }
+}
+
+/// Fails the run of `stop` when the engine has not replied to pings for `limit`: a call
+/// to an engine that accepts requests but never answers would otherwise hold the run,
+/// and its concurrency slot, until the step's own timeout.
+pub(super) async fn fail_run_on_loss(engine: Engine, limit: Duration, stop: Arc<Stop>) {
+    let check_every = (limit / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(check_every).await;
+        if engine.down_for().is_some_and(|down| down >= limit) {
+            tracing::error!(
+                limit_secs = limit.as_secs(),
+                "the Docker engine has not replied for too long; failing the run"
+            );
+            stop.request(StopReason::EngineLost);
+            return;
+        }
     }
 }
 
@@ -56,9 +95,7 @@ pub(super) async fn watch(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) -> Engine {
-    let engine = Engine {
-        up: Arc::new(AtomicBool::new(true)),
-    };
+    let engine = Engine::new();
     if !served
         .iter()
         .any(|workflow| may_need_docker(settings, workflow))

@@ -14,12 +14,15 @@ use tracing::Instrument;
 
 use crate::events::{EventSink, FlushOutcome, Level};
 use crate::queue::{ClaimedRun, FinalStatus, Lease, Queue, QueueError};
-use crate::workflows::{RunContext, RunResult, StepError};
+use crate::workflows::{needs_docker, RunContext, RunResult, StepError};
 
-use super::Shared;
+use super::{engine, Shared};
 
 /// How long a workflow has to clean up after its cancel token fires before it is dropped.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Missed pings of the Docker engine after which a run that needs it fails: 30 s with
+/// the default docker.ping_interval_secs of 5.
+const ENGINE_LOSS_PINGS: u32 = 6;
 
 /// Reason a run stopped before its workflow finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +30,14 @@ pub enum StopReason {
     CancelRequested,
     Shutdown,
     LeaseLost,
+    /// The Docker engine stopped replying while the run needed it.
+    EngineLost,
 }
 
 /// The first stop reason wins, and later ones change nothing. A lost lease fires
 /// `lease_lost` even when another reason came first.
 #[derive(Default)]
-struct Stop {
+pub(super) struct Stop {
     token: CancellationToken,
     reason: OnceLock<StopReason>,
     /// Fires when the lease is lost, which ends every retry of a write for the run.
@@ -40,7 +45,7 @@ struct Stop {
 }
 
 impl Stop {
-    fn request(&self, reason: StopReason) {
+    pub(super) fn request(&self, reason: StopReason) {
         if reason == StopReason::LeaseLost {
             self.lease_lost.cancel();
         }
@@ -112,7 +117,7 @@ fn watch_over(
     claimed_at: Instant,
     shared: &Shared,
     stop: &Arc<Stop>,
-) -> [AbortOnDropHandle<()>; 2] {
+) -> Vec<AbortOnDropHandle<()>> {
     let heartbeat = tokio::spawn(keep_lease(
         shared.queue.clone(),
         run.lease,
@@ -122,15 +127,22 @@ fn watch_over(
         stop.clone(),
     ));
     let hand_back = shared.hand_back.clone();
-    let stop = stop.clone();
+    let on_shutdown = stop.clone();
     let shutdown_watch = tokio::spawn(async move {
         hand_back.cancelled().await;
-        stop.request(StopReason::Shutdown);
+        on_shutdown.request(StopReason::Shutdown);
     });
-    [
+    let mut handles = vec![
         AbortOnDropHandle::new(heartbeat),
         AbortOnDropHandle::new(shutdown_watch),
-    ]
+    ];
+    let settings = &shared.settings;
+    if needs_docker(&run.workflow, settings.backup.for_env(&run.env_id)) {
+        let limit = settings.docker.ping_interval * ENGINE_LOSS_PINGS;
+        let watch = engine::fail_run_on_loss(shared.engine.clone(), limit, stop.clone());
+        handles.push(AbortOnDropHandle::new(tokio::spawn(watch)));
+    }
+    handles
 }
 
 async fn run_workflow(ctx: &RunContext, shared: &Shared, stop: &Stop) -> RunResult {
@@ -196,6 +208,15 @@ fn ending(reason: Option<StopReason>, result: RunResult, elapsed: f64) -> (Endin
             Ending::HandBack,
             "Agent is shutting down; handing the run back".to_string(),
         ),
+        (Some(StopReason::EngineLost), Err(_)) => {
+            let message = "the Docker engine stopped replying while the run needed it";
+            tracing::warn!(error = message, "run failed");
+            let metadata = json!({ "error": message, "failed_step": "docker" });
+            (
+                Ending::Finish(FinalStatus::Failed, metadata),
+                message.to_string(),
+            )
+        }
         (Some(StopReason::CancelRequested), Err(_)) => (
             Ending::Finish(
                 FinalStatus::Cancelled,
