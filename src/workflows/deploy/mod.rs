@@ -7,13 +7,15 @@
 //!    approvals. The sha must be a commit sha, never a tag. A promotion must have passed
 //!    in its source environment, and a rollback target must be an earlier successful
 //!    deploy of this environment.
-//! 2. image: find `<project image>:<sha>` on this host or pull it. Until here nothing
-//!    touched the live container.
-//! 3. replace: stop the live container and keep it as `<name>-previous`.
-//! 4. update (when the config lists modules, not for rollbacks): `odoo -u` in a one-off
+//! 2. image: find `<project image>:<sha>` on this host or pull it.
+//! 3. ownership: the containers under the environment's names (live, `-previous`,
+//!    `-update`) must carry this project's and environment's labels. A container of
+//!    another project, or one no deploy created, fails the run untouched.
+//! 4. replace: stop the live container and keep it as `<name>-previous`.
+//! 5. update (when the config lists modules, not for rollbacks): `odoo -u` in a one-off
 //!    container. A failed update puts the previous container back.
-//! 5. start the new container and run the health gate.
-//! 6. When the gate fails: roll back to the environment's previous successful deploy,
+//! 6. start the new container and run the health gate.
+//! 7. When the gate fails: roll back to the environment's previous successful deploy,
 //!    gate that too, and fail the run.
 //!
 //! Every container of the environment mounts the same data volume, which no step removes.
@@ -88,6 +90,7 @@ async fn execute(ctx: &RunContext) -> RunResult {
         probe_url,
         evidence: Map::new(),
     };
+    deploy.check_ownership().await?;
     deploy.fetch_image(&target.image).await.step("image")?;
     deploy.run(&target).await
 }
@@ -170,6 +173,15 @@ impl Deploy<'_> {
         };
         self.ctx.events.info(message).await;
         Ok(())
+    }
+
+    /// Fails the run before any container is touched when a container under one of the
+    /// environment's names belongs to another project or environment, or to no deploy.
+    async fn check_ownership(&self) -> Result<(), StepError> {
+        let (project_id, env_id) = (&self.site.project_id, &self.site.env_id);
+        container::check_ownership(&self.docker, &self.config, project_id, env_id)
+            .await
+            .step("ownership")
     }
 
     fn labels(&self, git_sha: &str) -> Labels {
