@@ -235,8 +235,14 @@ async fn leftover_containers_do_not_block_a_deploy() {
         let options = bollard::query_parameters::CreateContainerOptionsBuilder::default()
             .name(&name)
             .build();
+        // Labelled as this environment's, as a deploy that crashed leaves them.
+        let labels = std::collections::HashMap::from([
+            ("odooops.project".to_string(), "proj".to_string()),
+            ("odooops.env".to_string(), "env-dev".to_string()),
+        ]);
         let body = bollard::models::ContainerCreateBody {
             image: Some(leftover.clone()),
+            labels: Some(labels),
             ..Default::default()
         };
         site.docker

@@ -7,6 +7,8 @@
 #   crash          exit 3 one second after start
 #   fail_update    -u logs ERROR and CRITICAL lines and exits 255
 #   update_error   -u logs an ERROR line but exits 0
+#   leak_secrets   logs $PASSWORD, $DB_TOKEN and $INLINE at start; -u also logs an ERROR
+#                  line with $PASSWORD and exits 255; serves as unhealthy does
 set -eu
 mode=${FAKE_ODOO_MODE:-healthy}
 version=${FAKE_ODOO_VERSION:-unknown}
@@ -30,6 +32,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+if [ "$mode" = leak_secrets ]; then
+    log INFO odoo.sql_db "connecting with password ${PASSWORD:-} token ${DB_TOKEN:-}"
+    log INFO odoo.sql_db "inline setting ${INLINE:-}"
+fi
 if [ -n "$update" ]; then
     log INFO odoo.modules.loading "updating modules $update"
     echo "$update" >>/var/lib/odoo/updates.log
@@ -37,6 +43,10 @@ if [ -n "$update" ]; then
         fail_update)
             log ERROR odoo.modules.registry "Failed to load registry"
             log CRITICAL odoo.service.server "Failed to initialize database \`$db\`."
+            exit 255
+            ;;
+        leak_secrets)
+            log ERROR odoo.sql_db "password ${PASSWORD:-} rejected"
             exit 255
             ;;
         update_error)
@@ -52,7 +62,7 @@ fi
 log INFO odoo.service.server "HTTP service (werkzeug) running on 0.0.0.0:8069 ($version)"
 mkdir -p /var/www/web /var/lib/odoo/filestore
 echo "$version" >/var/www/web/version
-if [ "$mode" != unhealthy ]; then
+if [ "$mode" != unhealthy ] && [ "$mode" != leak_secrets ]; then
     echo '{"status": "pass"}' >/var/www/web/health
 fi
 if [ "$mode" = crash ]; then

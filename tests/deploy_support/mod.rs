@@ -43,6 +43,8 @@ pub const CRASH: &str = "deaddeaddeaddeaddeaddeaddeaddeaddeaddead";
 pub const BROKEN_UPDATE: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
 /// For images whose module update logs an error but exits 0.
 pub const NOISY_UPDATE: &str = "e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0";
+/// For images whose fake odoo prints its `env` values and fails.
+pub const LEAKY: &str = "f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0";
 /// A sha no test builds an image for.
 pub const NEVER_BUILT: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
 

@@ -233,6 +233,77 @@ async fn rename(docker: &Docker, from: &str, to: &str) -> anyhow::Result<()> {
         .with_context(|| format!("renaming container {from} to {to} failed"))
 }
 
+/// A container under one of the environment's names whose labels name another project or
+/// environment, or none: a deploy must not stop, rename or remove it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "container {name} does not belong to {project_id}/{env_id}: {found}; no container was \
+     touched. Rename or remove {name} by hand, or set another container_name in the \
+     environment's config"
+)]
+pub struct ForeignContainer {
+    pub name: String,
+    pub project_id: String,
+    pub env_id: String,
+    /// Description of the container's owner labels, such as "it has no odooops.project or
+    /// odooops.env label".
+    pub found: String,
+}
+
+/// Describes the owner labels of a container that do not name `project_id` and `env_id`,
+/// or returns None when they do.
+fn foreign_owner(
+    container: &ContainerInspectResponse,
+    project_id: &str,
+    env_id: &str,
+) -> Option<String> {
+    let project = label(container, LABEL_PROJECT);
+    let env = label(container, LABEL_ENV);
+    if project.as_deref() == Some(project_id) && env.as_deref() == Some(env_id) {
+        return None;
+    }
+    if project.is_none() && env.is_none() {
+        return Some(format!("it has no {LABEL_PROJECT} or {LABEL_ENV} label"));
+    }
+    let show = |value: Option<String>| value.map_or("(none)".to_string(), |v| format!("{v:?}"));
+    Some(format!(
+        "its labels say {LABEL_PROJECT}={} and {LABEL_ENV}={}",
+        show(project),
+        show(env)
+    ))
+}
+
+/// Checks that every container a deploy may stop, rename or remove (the live one, the
+/// kept `<name>-previous` and a leftover `<name>-update`) carries the labels of
+/// `project_id` and `env_id`, which the deploy sets on every container it creates.
+pub async fn check_ownership(
+    docker: &Docker,
+    config: &EnvConfig,
+    project_id: &str,
+    env_id: &str,
+) -> anyhow::Result<()> {
+    let names = [
+        config.container_name.clone(),
+        config.previous_name(),
+        config.update_name(),
+    ];
+    for name in names {
+        let Some(container) = inspect(docker, &name).await? else {
+            continue;
+        };
+        if let Some(found) = foreign_owner(&container, project_id, env_id) {
+            return Err(ForeignContainer {
+                name,
+                project_id: project_id.to_string(),
+                env_id: env_id.to_string(),
+                found,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// The live container after [`retire_live`] stopped it.
 #[derive(Debug, Clone)]
 pub struct Retired {

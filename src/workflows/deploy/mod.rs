@@ -7,13 +7,15 @@
 //!    approvals. The sha must be a commit sha, never a tag. A promotion must have passed
 //!    in its source environment, and a rollback target must be an earlier successful
 //!    deploy of this environment.
-//! 2. image: find `<project image>:<sha>` on this host or pull it. Until here nothing
-//!    touched the live container.
-//! 3. replace: stop the live container and keep it as `<name>-previous`.
-//! 4. update (when the config lists modules, not for rollbacks): `odoo -u` in a one-off
+//! 2. image: find `<project image>:<sha>` on this host or pull it.
+//! 3. ownership: the containers under the environment's names (live, `-previous`,
+//!    `-update`) must carry this project's and environment's labels. A container of
+//!    another project, or one no deploy created, fails the run untouched.
+//! 4. replace: stop the live container and keep it as `<name>-previous`.
+//! 5. update (when the config lists modules, not for rollbacks): `odoo -u` in a one-off
 //!    container. A failed update puts the previous container back.
-//! 5. start the new container and run the health gate.
-//! 6. When the gate fails: roll back to the environment's previous successful deploy,
+//! 6. start the new container and run the health gate.
+//! 7. When the gate fails: roll back to the environment's previous successful deploy,
 //!    gate that too, and fail the run.
 //!
 //! Every container of the environment mounts the same data volume, which no step removes.
@@ -25,6 +27,7 @@ mod evidence;
 mod health;
 mod hooks;
 mod rollback;
+mod scrub;
 mod target;
 mod update;
 
@@ -39,6 +42,7 @@ use crate::workflows::{RunContext, RunResult, StepError, StepResultExt, Workflow
 use container::Labels;
 use env_config::{resolve_env_value, EnvConfig};
 use health::GateReport;
+use scrub::Scrubber;
 use target::{Kind, Site, Target};
 
 pub use branch::queue_deploy_after_build;
@@ -73,7 +77,7 @@ async fn execute(ctx: &RunContext) -> RunResult {
         .health
         .probe_url(&config.ports)
         .map_err(StepError::invalid)?;
-    let env = container_env(&config).map_err(StepError::invalid)?;
+    let (env, scrubber) = container_env(&config).map_err(StepError::invalid)?;
     let target = target::resolve(ctx, kind, &site).await?;
     check_approvals(ctx).await?;
 
@@ -85,23 +89,29 @@ async fn execute(ctx: &RunContext) -> RunResult {
         site,
         config,
         env,
+        scrubber,
         probe_url,
         evidence: Map::new(),
     };
+    deploy.check_ownership().await?;
     deploy.fetch_image(&target.image).await.step("image")?;
     deploy.run(&target).await
 }
 
-/// Resolves the container's environment into KEY=VALUE pairs. Values may be secrets: they go to Docker
-/// and nowhere else.
-fn container_env(config: &EnvConfig) -> Result<Vec<String>, env_config::EnvConfigError> {
-    config
-        .env
-        .iter()
-        .map(|(name, value)| {
-            resolve_env_value(name, value).map(|value| format!("{name}={}", value.expose()))
-        })
-        .collect()
+/// Resolves the container's environment into KEY=VALUE pairs, and a scrubber that masks
+/// the values in the container output the deploy copies. Values may be secrets: they go
+/// to Docker and nowhere else.
+fn container_env(
+    config: &EnvConfig,
+) -> Result<(Vec<String>, Scrubber), env_config::EnvConfigError> {
+    let mut pairs = Vec::with_capacity(config.env.len());
+    let mut values = Vec::with_capacity(config.env.len());
+    for (name, value) in &config.env {
+        let value = resolve_env_value(name, value)?;
+        pairs.push(format!("{name}={}", value.expose()));
+        values.push(value);
+    }
+    Ok((pairs, Scrubber::new(values)))
 }
 
 /// Fails a run that reached an agent without the approvals its environment requires. The
@@ -155,6 +165,8 @@ pub(crate) struct Deploy<'a> {
     site: Site,
     config: EnvConfig,
     env: Vec<String>,
+    /// Masks the `env` values in container output copied into events and the evidence.
+    scrubber: Scrubber,
     probe_url: String,
     evidence: Map<String, Value>,
 }
@@ -170,6 +182,15 @@ impl Deploy<'_> {
         };
         self.ctx.events.info(message).await;
         Ok(())
+    }
+
+    /// Fails the run before any container is touched when a container under one of the
+    /// environment's names belongs to another project or environment, or to no deploy.
+    async fn check_ownership(&self) -> Result<(), StepError> {
+        let (project_id, env_id) = (&self.site.project_id, &self.site.env_id);
+        container::check_ownership(&self.docker, &self.config, project_id, env_id)
+            .await
+            .step("ownership")
     }
 
     fn labels(&self, git_sha: &str) -> Labels {
@@ -263,18 +284,23 @@ impl Deploy<'_> {
             modules: &modules,
             labels: &labels,
             env: &self.env,
+            scrubber: &self.scrubber,
         };
         let result =
             update::update_modules(&self.docker, request, &self.ctx.events, &self.ctx.cancel).await;
+        // The error quotes output lines, which are scrubbed already; Docker's own errors
+        // are scrubbed here in case they echo the container's environment.
+        let error = result
+            .as_ref()
+            .err()
+            .map(|err| self.scrubber.scrub(&format!("{err:#}")));
         self.evidence.insert(
             "update".into(),
-            json!({
-                "modules": modules.argument(),
-                "ok": result.is_ok(),
-                "error": result.as_ref().err().map(|err| format!("{err:#}")),
-            }),
+            json!({ "modules": modules.argument(), "ok": result.is_ok(), "error": error }),
         );
-        result.step("update")?;
+        if let Some(error) = error {
+            return Err(StepError::new("update", anyhow!(error)));
+        }
         Ok(UpdateOutcome { ran: true, backup })
     }
 
@@ -295,7 +321,7 @@ impl Deploy<'_> {
     /// Reports a container that could not even start as a failed gate, so that the
     /// automatic rollback handles it like an unhealthy one.
     async fn failed_start_report(&self, err: anyhow::Error) -> GateReport {
-        let reason = format!("{err:#}");
+        let reason = self.scrubber.scrub(&format!("{err:#}"));
         self.ctx
             .events
             .error(format!("Starting the new container failed: {reason}"))

@@ -104,8 +104,10 @@ impl Deploy<'_> {
                 outcome
             }
             Err(err) => {
-                entry["error"] = json!(format!("{err:#}"));
-                (false, format!("the rollback failed: {err:#}"))
+                // Docker's errors may echo the container's environment.
+                let error = self.scrubber.scrub(&format!("{err:#}"));
+                entry["error"] = json!(error);
+                (false, format!("the rollback failed: {error}"))
             }
         };
         self.evidence.insert("rollback".into(), entry);
@@ -199,6 +201,7 @@ impl Deploy<'_> {
             .warn(format!("Last {} output lines of {name}:", lines.len()))
             .await;
         for line in lines {
+            let line = self.scrubber.scrub(&line);
             self.ctx.events.send(Level::Warn, line, None).await;
         }
     }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::container::{self, Labels};
 use super::env_config::{EnvConfig, Modules};
+use super::scrub::Scrubber;
 use crate::docker::container::{remove_container, run_to_completion, OutputSink, OutputStream};
 use crate::events::{EventSink, Level};
 
@@ -42,6 +43,8 @@ pub struct UpdateRequest<'a> {
     pub modules: &'a Modules,
     pub labels: &'a Labels,
     pub env: &'a [String],
+    /// Masks the `env` values in the output lines before they become events.
+    pub scrubber: &'a Scrubber,
 }
 
 /// Runs the update and fails unless it exited 0 without ERROR or CRITICAL lines. Every
@@ -66,6 +69,7 @@ pub async fn update_modules(
         .with_context(|| format!("removing the leftover container {name} failed"))?;
     let mut log = UpdateLog {
         events: events.clone(),
+        scrubber: request.scrubber.clone(),
         lines: 0,
         errors: Vec::new(),
     };
@@ -87,9 +91,10 @@ pub async fn update_modules(
 }
 
 /// Record of the update's log: the line count and the ERROR and CRITICAL lines. Every
-/// line is also sent on as an event.
+/// line is also sent on as an event, with the `env` values masked.
 struct UpdateLog {
     events: EventSink,
+    scrubber: Scrubber,
     lines: u64,
     errors: Vec<String>,
 }
@@ -97,8 +102,11 @@ struct UpdateLog {
 impl OutputSink for UpdateLog {
     fn line<'a>(&'a mut self, _stream: OutputStream, line: &'a str) -> BoxFuture<'a, ()> {
         self.lines += 1;
-        let level = if is_failure_line(line) {
-            self.errors.push(line.to_string());
+        // The level is read before masking, in case a value matches part of the prefix.
+        let failed = is_failure_line(line);
+        let line = self.scrubber.scrub(line);
+        let level = if failed {
+            self.errors.push(line.clone());
             Level::Error
         } else {
             Level::Info
