@@ -98,18 +98,26 @@ async fn execute(ctx: &RunContext) -> RunResult {
     deploy.run(&target).await
 }
 
+/// Plain `env` values shorter than this are settings such as `2` or `odoo`, left
+/// unmasked: masking them would blank every match in the copied output.
+const MIN_MASKED_PLAIN: usize = 6;
+
 /// Resolves the container's environment into KEY=VALUE pairs, and a scrubber that masks
-/// the values in the container output the deploy copies. Values may be secrets: they go
-/// to Docker and nowhere else.
+/// the values in the container output the deploy copies: every value read from a file
+/// or the agent's environment, and plain values of MIN_MASKED_PLAIN characters or more.
 fn container_env(
     config: &EnvConfig,
 ) -> Result<(Vec<String>, Scrubber), env_config::EnvConfigError> {
     let mut pairs = Vec::with_capacity(config.env.len());
     let mut values = Vec::with_capacity(config.env.len());
-    for (name, value) in &config.env {
-        let value = resolve_env_value(name, value)?;
+    for (name, source) in &config.env {
+        let value = resolve_env_value(name, source)?;
         pairs.push(format!("{name}={}", value.expose()));
-        values.push(value);
+        let short_setting = matches!(source, env_config::EnvValue::Plain(text)
+            if text.chars().count() < MIN_MASKED_PLAIN);
+        if !short_setting {
+            values.push(value);
+        }
     }
     Ok((pairs, Scrubber::new(values)))
 }

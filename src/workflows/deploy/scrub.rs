@@ -15,10 +15,6 @@ pub struct Scrubber {
 
 impl Scrubber {
     /// Creates a scrubber for `values`. Empty values are ignored.
-    ///
-    /// NOTE: plain string values are masked too, because the environment config promises
-    /// that no `env` value appears in events. A short one such as `odoo` or `2` therefore
-    /// masks every match in the copied lines, in module names and timestamps as well.
     pub fn new(values: impl IntoIterator<Item = Secret>) -> Scrubber {
         let mut values: Vec<Secret> = values
             .into_iter()
