@@ -1,5 +1,6 @@
-//! A backup attempt aborts the multipart uploads that an earlier, killed attempt of the
-//! same backup left in the S3 bucket.
+//! Cleanup on the S3 test server: a backup attempt aborts the multipart uploads that an
+//! earlier, killed attempt of the same backup left in the bucket, and a dropped test
+//! fixture removes its bucket.
 
 mod backup_support;
 mod common;
@@ -79,4 +80,27 @@ async fn backup_aborts_its_stale_upload() {
         fixture.bucket
     );
     assert!(events.iter().any(|e| e.contains(&aborted)), "{events:?}");
+}
+
+#[tokio::test]
+async fn dropped_fixture_removes_its_bucket() {
+    let fixture = Fixture::with_s3().await;
+    let bucket = fixture.bucket.clone();
+    fixture
+        .s3_client()
+        .put_object()
+        .bucket(&bucket)
+        .key("proj/object.txt")
+        .body(ByteStream::from_static(b"left by a test"))
+        .send()
+        .await
+        .unwrap();
+    start_upload(&fixture, "proj/unfinished.zip").await;
+    let client = fixture.s3_client();
+
+    drop(fixture);
+
+    let listed = client.list_buckets().send().await.unwrap();
+    let names: Vec<&str> = listed.buckets().iter().filter_map(|b| b.name()).collect();
+    assert!(!names.contains(&bucket.as_str()), "{bucket} remains");
 }
