@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "backups",
         sql: include_str!("../migrations/0003_backups.sql"),
     },
+    Migration {
+        version: 4,
+        name: "restore_approvals",
+        sql: include_str!("../migrations/0004_restore_approvals.sql"),
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]

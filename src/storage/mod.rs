@@ -90,6 +90,18 @@ pub trait ObjectStore: Send + Sync {
 
     /// Deletes an object; deleting a missing object succeeds.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// Aborts the in-progress multipart uploads whose key starts with `key_prefix` and
+    /// contains `marker`, and returns their locations. Stores without multipart uploads
+    /// (the local directory) have none to abort.
+    fn abort_stale_uploads<'a>(
+        &'a self,
+        key_prefix: &'a str,
+        marker: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
+        let _ = (key_prefix, marker);
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// The configured stores: the default one new objects go to, and any other that may

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::{ObjectReader, ObjectStore, StorageError, StoredObject, UploadPart};
 use crate::config::storage::{ChecksumMode, S3Settings};
 
+mod stale;
+
 /// S3's limit on parts per multipart upload.
 const MAX_PARTS: i32 = 10_000;
 /// Failing fast on an unreachable endpoint; transfers have their own, longer limit.
@@ -472,6 +474,14 @@ impl ObjectStore for S3Store {
                 Err(err) => Err(self.failed("downloading", key, describe(&err))),
             }
         })
+    }
+
+    fn abort_stale_uploads<'a>(
+        &'a self,
+        key_prefix: &'a str,
+        marker: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
+        Box::pin(self.abort_matching_uploads(key_prefix, marker))
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {

@@ -251,6 +251,93 @@ impl S3Env {
             secret_access_key: var("ODOOOPS_TEST_S3_SECRET_ACCESS_KEY"),
         }
     }
+
+    pub fn client(&self) -> Client {
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                &self.access_key_id,
+                &self.secret_access_key,
+                None,
+                None,
+                "test",
+            ))
+            .region(aws_sdk_s3::config::Region::new(self.region.clone()))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .build();
+        Client::from_conf(config)
+    }
+}
+
+/// Removes a test bucket with its objects and in-progress multipart uploads. A failure
+/// is printed, not raised, because it runs while a fixture is dropped.
+async fn remove_bucket(client: &Client, bucket: &str) {
+    if let Err(err) = empty_bucket(client, bucket).await {
+        eprintln!("emptying test bucket {bucket} failed: {err}");
+    }
+    if let Err(err) = client.delete_bucket().bucket(bucket).send().await {
+        eprintln!("deleting test bucket {bucket} failed: {}", describe(err));
+    }
+}
+
+/// Formats an SDK error with its cause chain.
+fn describe<E: std::error::Error>(err: E) -> String {
+    aws_sdk_s3::error::DisplayErrorContext(err).to_string()
+}
+
+/// Aborts every multipart upload in progress in `bucket` and deletes every object,
+/// following each listing's markers across pages.
+async fn empty_bucket(client: &Client, bucket: &str) -> Result<(), String> {
+    let (mut key_marker, mut upload_id_marker) = (None, None);
+    loop {
+        let listed = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .set_key_marker(key_marker)
+            .set_upload_id_marker(upload_id_marker)
+            .send()
+            .await
+            .map_err(describe)?;
+        for upload in listed.uploads() {
+            client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(upload.key().unwrap_or_default())
+                .upload_id(upload.upload_id().unwrap_or_default())
+                .send()
+                .await
+                .map_err(describe)?;
+        }
+        key_marker = listed.next_key_marker().map(str::to_string);
+        upload_id_marker = listed.next_upload_id_marker().map(str::to_string);
+        if listed.is_truncated() != Some(true) || key_marker.is_none() {
+            break;
+        }
+    }
+    let mut token = None;
+    loop {
+        let listed = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(describe)?;
+        for object in listed.contents() {
+            client
+                .delete_object()
+                .bucket(bucket)
+                .key(object.key().unwrap_or_default())
+                .send()
+                .await
+                .map_err(describe)?;
+        }
+        token = listed.next_continuation_token().map(str::to_string);
+        if token.is_none() {
+            return Ok(());
+        }
+    }
 }
 
 /// Everything a backup test needs: control plane, Odoo database, settings.
@@ -259,6 +346,26 @@ pub struct Fixture {
     pub odoo: OdooDb,
     pub bucket: String,
     pub s3: Option<S3Env>,
+}
+
+impl Drop for Fixture {
+    /// Removes the fixture's bucket, because the shared S3 test server keeps every bucket
+    /// in memory until it stops. Drop cannot await, so a thread with its own runtime sends
+    /// the requests.
+    fn drop(&mut self) {
+        let Some(s3) = self.s3.take() else {
+            return;
+        };
+        let bucket = self.bucket.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(remove_bucket(&s3.client(), &bucket));
+        })
+        .join();
+    }
 }
 
 impl Fixture {
@@ -340,21 +447,7 @@ impl Fixture {
     }
 
     pub fn s3_client(&self) -> Client {
-        let s3 = self.s3.as_ref().expect("fixture made with S3");
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version_latest()
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                &s3.access_key_id,
-                &s3.secret_access_key,
-                None,
-                None,
-                "test",
-            ))
-            .region(aws_sdk_s3::config::Region::new(s3.region.clone()))
-            .endpoint_url(&s3.endpoint)
-            .force_path_style(true)
-            .build();
-        Client::from_conf(config)
+        self.s3.as_ref().expect("fixture made with S3").client()
     }
 
     /// Queues a backup through ops.create_backup; returns its backup_id.

@@ -19,7 +19,7 @@ use super::stream::{self, ArchiveInput, ArchiveSummary, PartSink, Progress};
 use crate::config::backup::{EnvBackupSettings, PgTools};
 use crate::config::Settings;
 use crate::events::EventSink;
-use crate::storage::{StorageError, StoredObject, Stores};
+use crate::storage::{ObjectStore, StorageError, StoredObject, Stores};
 use crate::workflows::RunContext;
 
 /// How often a running backup reports its progress.
@@ -167,6 +167,8 @@ impl Job {
         let stores = Stores::from_settings(&self.settings.storage);
         let store = stores.default.clone();
         let key = object_key(env, backup_id);
+        self.abort_stale_uploads(store.as_ref(), env, backup_id)
+            .await;
         let progress = Arc::new(Progress::default());
         let upload_cancel = self.cancel.child_token();
 
@@ -203,6 +205,46 @@ impl Job {
             );
         }
         Ok((object, summary))
+    }
+
+    /// Aborts the multipart uploads that an earlier attempt of this backup left in the
+    /// store, for example when the agent was killed mid-upload. Every attempt writes a new
+    /// key, but all of them contain the backup id. A failure is only reported, because
+    /// it does not keep this attempt from storing the backup.
+    async fn abort_stale_uploads(
+        &self,
+        store: &dyn ObjectStore,
+        env: &EnvironmentRow,
+        backup_id: Uuid,
+    ) {
+        let marker = backup_id.simple().to_string();
+        match store
+            .abort_stale_uploads(&object_key_prefix(env), &marker)
+            .await
+        {
+            Ok(aborted) if aborted.is_empty() => {}
+            Ok(aborted) => {
+                self.reporter
+                    .info(format!(
+                        "Aborted {} multipart uploads left by an earlier attempt: {}",
+                        aborted.len(),
+                        aborted.join(", ")
+                    ))
+                    .await
+            }
+            Err(err) => {
+                tracing::warn!(
+                    backup.id = %backup_id,
+                    error = %err,
+                    "aborting stale uploads failed"
+                );
+                self.reporter
+                    .warn(format!(
+                        "Aborting multipart uploads left by an earlier attempt failed: {err}"
+                    ))
+                    .await
+            }
+        }
     }
 
     /// Returns the environment's filestore directory, or `None` (with a warning) when it
@@ -272,13 +314,16 @@ fn pick_error(
 /// Object key of a backup: `<project>/<env>/<db>-<UTC time>-<backup id>.zip`.
 pub fn object_key(env: &EnvironmentRow, backup_id: Uuid) -> String {
     format!(
-        "{}/{}/{}-{}-{}.zip",
-        env.project_id,
-        env.env_id,
-        env.db_name,
+        "{}{}-{}.zip",
+        object_key_prefix(env),
         Utc::now().format("%Y%m%dT%H%M%SZ"),
         backup_id.simple()
     )
+}
+
+/// Start of every backup key of the environment's database: `<project>/<env>/<db>-`.
+pub fn object_key_prefix(env: &EnvironmentRow) -> String {
+    format!("{}/{}/{}-", env.project_id, env.env_id, env.db_name)
 }
 
 pub fn human_bytes(bytes: u64) -> String {

@@ -7,7 +7,12 @@
 //! the backup under a staging name and swaps it in only once it is loaded and verified. Restores
 //! into non-production environments are neutralized before the database gets its final
 //! name, so no Odoo process ever sees it un-neutralized.
+//!
+//! A restore run that replaces its environment's live database (overwrite, with
+//! target_db equal to the environment's db_name) waits for the same approvals as a
+//! deploy to that environment, and the agent checks them again before it starts.
 
+mod approval;
 pub mod command;
 mod core;
 mod fetch;
@@ -71,6 +76,7 @@ impl Workflow for DrillWorkflow {
 
 async fn run_restore(ctx: &RunContext) -> RunResult {
     let metadata: RestoreRunMetadata = ctx.metadata()?;
+    approval::check_approvals(ctx).await?;
     let env = EnvironmentRow::load(ctx.pool(), &ctx.run.env_id)
         .await
         .step("load environment")?;
@@ -100,9 +106,9 @@ async fn run_restore(ctx: &RunContext) -> RunResult {
     Ok(json!({ "restore": report }))
 }
 
-/// Turns a restore run's metadata into a request, applying defaults and refusing
-/// combinations that could hurt: an un-neutralized copy in a non-production
-/// environment.
+/// Turns a restore run's metadata into a request, applying defaults and rejecting
+/// requests that could hurt: an un-neutralized copy in a non-production environment, or
+/// a backup of another project.
 pub async fn plan_restore(
     job: &Job,
     env: EnvironmentRow,
@@ -126,6 +132,17 @@ pub async fn plan_restore(
                 .ok_or_else(|| anyhow::anyhow!("environment {source} has no successful backup"))?
         }
     };
+    if backup.project_id != env.project_id {
+        anyhow::bail!(
+            "backup {} belongs to project {}, but environment {} is in project {}. Restore a \
+             backup of project {} instead",
+            backup.backup_id,
+            backup.project_id,
+            env.env_id,
+            env.project_id,
+            env.project_id
+        );
+    }
     let target_db = metadata.target_db.clone().unwrap_or_else(|| {
         format!(
             "{}_restored_{}",
