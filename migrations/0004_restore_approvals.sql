@@ -12,9 +12,9 @@
 
 -- Whether run metadata asks a restore to replace the live database of the environment:
 -- overwrite is anything but false or absent, and target_db is the environment's db_name.
--- NOTE: only the run's own environment is compared. A restore run for staging whose
--- target_db is prod's db_name is not held, and replaces prod's database without approval
--- when both environments use the same PostgreSQL server.
+-- Only the run's own environment is compared: which environments share a PostgreSQL
+-- server is known to the agent's config, not here. The agent rejects a restore whose
+-- target_db is the live database of another environment on the same server.
 CREATE FUNCTION ops.restore_replaces_live_db(p_env_id text, p_metadata jsonb)
 RETURNS boolean
 LANGUAGE sql STABLE AS $$

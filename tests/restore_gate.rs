@@ -284,3 +284,29 @@ async fn backup_of_another_project_is_rejected() {
         assert!(!fixture.odoo.database_exists(target).await, "{target}");
     }
 }
+
+#[tokio::test]
+async fn restore_cannot_replace_another_environments_database() {
+    let fixture = Fixture::new().await;
+    let backup_id = backed_up(&fixture).await;
+    change_live_database(&fixture).await;
+    let before = live_partners(&fixture).await;
+
+    let run_id = fixture
+        .queue_run("env-staging", live_overwrite(&fixture, backup_id))
+        .await;
+    fixture.run_agent(fixture.settings("local")).await;
+
+    let (status, metadata, _) = fixture.run_outcome(run_id).await;
+    assert_eq!(status, "failed", "{metadata}");
+    let error = metadata["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("live database of environment env-prod"),
+        "{error}"
+    );
+    assert_eq!(
+        live_partners(&fixture).await,
+        before,
+        "prod's database was replaced"
+    );
+}

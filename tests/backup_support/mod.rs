@@ -369,14 +369,19 @@ impl Drop for Fixture {
 }
 
 impl Fixture {
-    /// Creates a control plane whose env-prod and env-staging use a new Odoo database.
+    /// Creates a control plane whose env-prod uses a new Odoo database, and env-staging a
+    /// database of the same name with `_staging` appended, which does not exist.
     pub async fn new() -> Fixture {
         let ops = TestDb::new().await;
         ops.seed_project().await;
         let odoo = OdooDb::create().await;
         ops.client()
             .await
-            .execute("UPDATE ops.environments SET db_name = $1 WHERE env_id IN ('env-prod', 'env-staging')", &[&odoo.name])
+            .execute(
+                "UPDATE ops.environments SET db_name = CASE env_id WHEN 'env-prod' THEN $1 \
+                 ELSE $1 || '_staging' END WHERE env_id IN ('env-prod', 'env-staging')",
+                &[&odoo.name],
+            )
             .await
             .unwrap();
         Fixture {

@@ -21,6 +21,7 @@ mod neutralize;
 pub mod records;
 mod verify;
 
+use anyhow::Context;
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
@@ -150,6 +151,7 @@ pub async fn plan_restore(
             chrono::Utc::now().format("%Y%m%d_%H%M%S")
         )
     });
+    reject_other_live_database(job, &env, &target_db).await?;
     let pg = job.pg_runner(&env.env_id).await?;
     let kind = if metadata.overwrite && pg.database_exists(&target_db).await? {
         RestoreKind::Replace
@@ -163,6 +165,48 @@ pub async fn plan_restore(
         kind,
         neutralize,
     })
+}
+
+/// Rejects a target that is the live database of another environment on the same server
+/// (same pg tools, host and port in the agent's backup settings). The approval gate holds
+/// only a restore over the run's own environment's database, so a restore queued for
+/// staging must not reach prod's database. Environments on other servers may use the
+/// same database name.
+async fn reject_other_live_database(
+    job: &Job,
+    env: &EnvironmentRow,
+    target_db: &str,
+) -> anyhow::Result<()> {
+    let client = job
+        .pool
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
+    let rows = client
+        .query(
+            "SELECT env_id FROM ops.environments WHERE db_name = $1 AND env_id <> $2 \
+             ORDER BY env_id",
+            &[&target_db, &env.env_id.as_str()],
+        )
+        .await
+        .context("reading ops.environments failed")?;
+    let server = |env_id: &str| {
+        let pg = &job.settings.backup.for_env(env_id).pg;
+        (pg.tools.clone(), pg.host.clone(), pg.port)
+    };
+    let own = server(&env.env_id);
+    let owner = rows
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .find(|other| server(other) == own);
+    if let Some(owner) = owner {
+        anyhow::bail!(
+            "target_db {target_db} is the live database of environment {owner}; queue the \
+             restore for {owner} instead, where replacing it needs that environment's \
+             approvals"
+        );
+    }
+    Ok(())
 }
 
 async fn run_drill(ctx: &RunContext) -> RunResult {
