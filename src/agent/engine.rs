@@ -51,7 +51,7 @@ impl Engine {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// How long the engine has not replied to pings; `None` while it replies.
+    /// Returns how long the engine has not replied to pings, `None` while it replies.
     pub fn down_for(&self) -> Option<Duration> {
         let since = *self.down_since.lock().expect("engine state lock");
         since.map(|since| since.elapsed())
@@ -69,7 +69,7 @@ impl Engine {
 }
 
 /// Fails the run of `stop` when the engine has not replied to pings for `limit`: a call
-/// to an engine that accepts requests but never answers would otherwise hold the run,
+/// to an engine that accepts requests but never responds would otherwise hold the run,
 /// and its concurrency slot, until the step's own timeout.
 pub(super) async fn fail_run_on_loss(engine: Engine, limit: Duration, stop: Arc<Stop>) {
     let check_every = (limit / 4).max(Duration::from_millis(100));
