@@ -24,7 +24,7 @@ pub fn init(settings: &LogSettings) {
 }
 
 /// Builds the filter from RUST_LOG or the configured one, with the quiet targets held
-/// at info whatever either asks for.
+/// at info whatever either requests.
 fn filter(settings: &LogSettings, rust_log: Option<String>) -> EnvFilter {
     let requested = rust_log
         .and_then(|value| EnvFilter::try_new(value).ok())

@@ -259,7 +259,7 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
         .await
         .map_err(|_| {
             Failure::Unavailable(anyhow::anyhow!(
-                "Docker engine at {} did not answer within {} s",
+                "Docker engine at {} did not respond within {} s",
                 docker::address(&settings.docker),
                 DOCKER_CHECK_TIMEOUT.as_secs()
             ))
@@ -269,7 +269,7 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
 }
 
 /// Longest wait for the Docker engine in `check`: an engine that accepts connections
-/// but does not answer must not hang the command.
+/// but does not respond must not hang the command.
 const DOCKER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connects to the engine and describes its version and the negotiated API version.

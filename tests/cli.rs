@@ -246,7 +246,7 @@ async fn check_gives_up_on_a_silent_engine() {
 
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(69), "{stderr}");
-    assert!(stderr.contains("did not answer within 10 s"), "{stderr}");
+    assert!(stderr.contains("did not respond within 10 s"), "{stderr}");
     assert!(stderr.contains("silent.sock"), "{stderr}");
     drop(held);
 }
