@@ -176,3 +176,25 @@ impl Workflows {
         workflows
     }
 }
+
+/// Returns the approvals `ctx`'s run needs, judged by its environment, workflow and
+/// metadata (ops.run_required_reviewers), and the distinct reviewers other than its
+/// requester who approved it.
+pub async fn run_approvals(ctx: &RunContext) -> anyhow::Result<(i32, Vec<String>)> {
+    use anyhow::Context;
+    let client = ctx
+        .pool()
+        .get()
+        .await
+        .context("connecting to the control plane failed")?;
+    let run = &ctx.run;
+    let row = client
+        .query_one(
+            "SELECT coalesce(ops.run_required_reviewers($1, $2, $3), 0), \
+                    ops.run_approvers($4)",
+            &[&run.env_id, &run.workflow, &run.metadata, &run.run_id],
+        )
+        .await
+        .context("reading the run's approvals failed")?;
+    Ok((row.get(0), row.get(1)))
+}

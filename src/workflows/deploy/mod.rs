@@ -38,7 +38,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{RegistryCredentials, Settings};
 use crate::docker::{self, pull};
-use crate::workflows::{RunContext, RunResult, StepError, StepResultExt, Workflow};
+use crate::workflows::{run_approvals, RunContext, RunResult, StepError, StepResultExt, Workflow};
 use container::Labels;
 use env_config::{resolve_env_value, EnvConfig};
 use health::GateReport;
@@ -126,7 +126,7 @@ fn container_env(
 /// database already keeps such runs from being claimed; this check also covers runs
 /// queued while the approval triggers were disabled.
 async fn check_approvals(ctx: &RunContext) -> Result<(), StepError> {
-    let (required, approvers) = target::approvals(ctx).await.step("approvals")?;
+    let (required, approvers) = run_approvals(ctx).await.step("approvals")?;
     if required == 0 {
         return Ok(());
     }

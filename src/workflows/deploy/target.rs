@@ -292,24 +292,6 @@ async fn resolve_rollback(
     Ok((sha, description))
 }
 
-/// Returns the reviewers the run needed and the distinct reviewers other than its requester who
-/// approved it.
-pub async fn approvals(ctx: &RunContext) -> anyhow::Result<(i32, Vec<String>)> {
-    let client = ctx
-        .pool()
-        .get()
-        .await
-        .context("connecting to the control plane failed")?;
-    let row = client
-        .query_one(
-            "SELECT coalesce(ops.run_required_reviewers($1, $2), 0), ops.run_approvers($3)",
-            &[&ctx.run.env_id, &ctx.run.workflow, &ctx.run.run_id],
-        )
-        .await
-        .context("reading the run's approvals failed")?;
-    Ok((row.get(0), row.get(1)))
-}
-
 fn db_message(err: &tokio_postgres::Error) -> String {
     err.as_db_error()
         .map(|db| db.message().to_string())

@@ -1,16 +1,16 @@
 //! The agent's own approval check for restores that replace an environment's live
 //! database.
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 
-use crate::workflows::{RunContext, StepError, StepResultExt};
+use crate::workflows::{run_approvals, RunContext, StepError, StepResultExt};
 
 /// Fails a restore run that would replace its environment's live database without the
 /// approvals the environment requires. The database already keeps such runs in
 /// 'pending_approval'. This check also covers runs queued while the approval triggers
 /// were disabled, and runs whose metadata was edited after they were queued.
 pub async fn check_approvals(ctx: &RunContext) -> Result<(), StepError> {
-    let (required, approvers) = approvals(ctx).await.step("approvals")?;
+    let (required, approvers) = run_approvals(ctx).await.step("approvals")?;
     if required == 0 {
         return Ok(());
     }
@@ -33,28 +33,4 @@ pub async fn check_approvals(ctx: &RunContext) -> Result<(), StepError> {
         ))
         .await;
     Ok(())
-}
-
-/// Returns the reviewers the run needs, judged by its metadata as claimed, and the
-/// distinct reviewers other than its requester who approved it.
-async fn approvals(ctx: &RunContext) -> anyhow::Result<(i32, Vec<String>)> {
-    let client = ctx
-        .pool()
-        .get()
-        .await
-        .context("connecting to the control plane failed")?;
-    let row = client
-        .query_one(
-            "SELECT coalesce(ops.run_required_reviewers($1, $2, $3), 0), \
-                    ops.run_approvers($4)",
-            &[
-                &ctx.run.env_id,
-                &ctx.run.workflow,
-                &ctx.run.metadata,
-                &ctx.run.run_id,
-            ],
-        )
-        .await
-        .context("reading the run's approvals failed")?;
-    Ok((row.get(0), row.get(1)))
 }
