@@ -363,3 +363,41 @@ async fn expired_run_with_cancel_request_is_cancelled() {
     );
     assert!(last.message.ends_with("run cancelled"), "{}", last.message);
 }
+
+#[tokio::test]
+async fn run_once_takes_back_expired_leases_first() {
+    let db = TestDb::new().await;
+    db.seed_project().await;
+    let client = db.client().await;
+    runs::no_retry_delay(&client).await;
+    let run_id = runs::queue(&client, "env-dev", "build").await;
+    client
+        .execute("SELECT * FROM ops.claim_next_run('dead-agent')", &[])
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE ops.runs SET lease_expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // A reap interval far longer than the test: only the reap at start can take it back.
+    let config = agents::config("agent-once", "reap_interval_secs = 3600");
+    let settings = db.settings(&config);
+    let summary = odooops_agent::agent::run(
+        settings,
+        agents::only("build", Succeed),
+        odooops_agent::agent::Mode::Once,
+        odooops_agent::agent::Shutdown::default(),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(summary.claimed, 1);
+    let run = runs::run(&client, run_id).await;
+    assert_eq!(run.status, "success");
+    assert_eq!(run.attempt, 2);
+    assert_eq!(run.worker_id.as_deref(), Some("agent-once"));
+}

@@ -74,6 +74,11 @@ pub async fn run(
         background.clone(),
     ));
     let reaped = Arc::new(Notify::new());
+    // Once before the first claim, so that `--once` also takes back the runs of an agent
+    // that died; a failure is left to the claim loop to report.
+    if let Err(err) = take_back_expired(&queue, &reaped).await {
+        tracing::debug!(error = %err, "reaping expired leases at start failed");
+    }
     tokio::spawn(reap_expired_leases(
         queue.clone(),
         settings.agent.reap_interval,
@@ -356,21 +361,8 @@ async fn reap_expired_leases(
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,
         }
-        match queue.reap_expired().await {
-            Ok(runs) => {
-                failures = 0;
-                if !runs.is_empty() {
-                    reaped.notify_one();
-                }
-                for run in runs {
-                    tracing::warn!(
-                        run.id = %run.run_id,
-                        worker.id = run.worker_id.as_deref().unwrap_or(""),
-                        action = %run.action,
-                        "took back a run whose lease expired"
-                    );
-                }
-            }
+        match take_back_expired(&queue, &reaped).await {
+            Ok(()) => failures = 0,
             Err(err) => {
                 failures += 1;
                 if failures.is_power_of_two() {
@@ -379,6 +371,24 @@ async fn reap_expired_leases(
             }
         }
     }
+}
+
+/// Takes back the runs whose lease expired, logs each, and notifies `reaped` when there
+/// were any.
+async fn take_back_expired(queue: &Queue, reaped: &Notify) -> Result<(), QueueError> {
+    let runs = queue.reap_expired().await?;
+    if !runs.is_empty() {
+        reaped.notify_one();
+    }
+    for run in runs {
+        tracing::warn!(
+            run.id = %run.run_id,
+            worker.id = run.worker_id.as_deref().unwrap_or(""),
+            action = %run.action,
+            "took back a run whose lease expired"
+        );
+    }
+    Ok(())
 }
 
 /// Warns about entries of agent.environments that ops.environments does not have: no
