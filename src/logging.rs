@@ -3,7 +3,7 @@
 use tracing_subscriber::filter::Directive;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{is_log_filter, LogFormat, LogSettings};
 
 /// Targets whose debug output carries request bodies: bollard logs each Docker API
 /// request, container environments included, and those can hold passwords.
@@ -24,8 +24,21 @@ pub fn init(settings: &LogSettings) {
 }
 
 /// Builds the filter from RUST_LOG or the configured one, with the quiet targets held
-/// at info whatever either requests.
+/// at info whatever either requests. A RUST_LOG that is no valid filter is reported on
+/// stderr and ignored: tracing would take a bare word for a target and log nothing else.
 fn filter(settings: &LogSettings, rust_log: Option<String>) -> EnvFilter {
+    let rust_log = rust_log.filter(|value| {
+        let valid = is_log_filter(value);
+        if !valid {
+            eprintln!(
+                "odooops-agent: ignoring RUST_LOG={value:?}: expected a level (trace, debug, \
+                 info, warn, error, off) or a filter such as info,odooops_agent=debug; \
+                 using log.level {:?}",
+                settings.filter
+            );
+        }
+        valid
+    });
     let requested = rust_log
         .and_then(|value| EnvFilter::try_new(value).ok())
         .unwrap_or_else(|| EnvFilter::new(&settings.filter));
@@ -92,6 +105,12 @@ mod tests {
         let output = output_with(filter(&settings("debug"), None));
         assert!(output.contains("claimed a run"), "{output}");
         assert!(!output.contains("hunter2"), "{output}");
+    }
+
+    #[test]
+    fn invalid_rust_log_falls_back_to_the_config() {
+        let output = output_with(filter(&settings("debug"), Some("verbose".to_string())));
+        assert!(output.contains("claimed a run"), "{output}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::secret::{Secret, SecretError, SecretSource};
 pub use backup::BackupSettings;
 pub use build::{BuildSettings, CommandLine, TestDatabaseSettings, DEFAULT_TEST_COMMAND};
 pub use deploy::{DeploySettings, RegistryCredentials};
-pub use raw::RawConfig;
+pub use raw::{is_log_filter, RawConfig};
 pub use registry::{is_path_component, is_registry_host, RegistrySettings};
 pub use storage::{StorageBackend, StorageSettings};
 

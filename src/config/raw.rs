@@ -326,7 +326,7 @@ const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"]
 /// Tells whether `filter` is a level or a list of `target=level` directives. A bare word
 /// that is no level is rejected: tracing would take it for a target and log nothing
 /// else, so a typo such as "inof" would silence the agent.
-fn is_log_filter(filter: &str) -> bool {
+pub fn is_log_filter(filter: &str) -> bool {
     let is_level = |word: &str| LOG_LEVELS.contains(&word.trim().to_ascii_lowercase().as_str());
     let directives_valid = filter
         .split(',')
