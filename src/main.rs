@@ -76,6 +76,10 @@ enum Command {
         /// Neutralize a restore into production too; other environments always are.
         #[arg(long)]
         neutralize: bool,
+        /// With --overwrite, allow replacing the environment's live database (its
+        /// db_name), which a queued restore does only with the environment's approvals.
+        #[arg(long)]
+        replace_live: bool,
     },
     /// Validate the config and check that the database and Docker engine respond.
     Check {
@@ -147,6 +151,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             target_db,
             overwrite,
             neutralize,
+            replace_live,
         } => {
             let settings = Settings::load(&config)?;
             logging::init(&settings.log);
@@ -157,6 +162,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 target_db,
                 overwrite,
                 neutralize,
+                replace_live,
             };
             let shutdown = Shutdown::default();
             shutdown.on_signals().map_err(|err| {

@@ -400,3 +400,51 @@ async fn restore_command_creates_database() {
         "success"
     );
 }
+
+#[tokio::test]
+async fn restore_command_replaces_live_database_only_when_told() {
+    use odooops_agent::workflows::restore::command::{self, RestoreOptions};
+    use tokio_util::sync::CancellationToken;
+
+    let fixture = Fixture::new().await;
+    backed_up(&fixture, "local").await;
+    fixture
+        .odoo
+        .client()
+        .await
+        .execute(
+            "INSERT INTO res_partner (name) VALUES ('after backup')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let options = RestoreOptions {
+        env: "env-prod".into(),
+        target_db: Some(fixture.odoo.name.clone()),
+        overwrite: true,
+        ..Default::default()
+    };
+    let settings = fixture.settings("local");
+
+    let refused = command::run(settings.clone(), options.clone(), CancellationToken::new()).await;
+    let error = format!("{:#}", refused.unwrap_err());
+    let partners_after_refusal = fixture.odoo.count(&fixture.odoo.name, "res_partner").await;
+    let told = RestoreOptions {
+        replace_live: true,
+        ..options
+    };
+    let replaced = command::run(settings, told, CancellationToken::new()).await;
+
+    assert!(error.contains("--replace-live"), "{error}");
+    assert!(error.contains("live database of env-prod"), "{error}");
+    assert_eq!(
+        partners_after_refusal,
+        PARTNERS + 1,
+        "refused, yet replaced"
+    );
+    assert!(replaced.is_ok(), "{:?}", replaced.err());
+    assert_eq!(
+        fixture.odoo.count(&fixture.odoo.name, "res_partner").await,
+        PARTNERS
+    );
+}

@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{plan_restore, restore, RestoreReport, RestoreRunMetadata};
+use super::{plan_restore, restore, RestoreKind, RestoreReport, RestoreRunMetadata};
 use crate::config::Settings;
 use crate::workflows::backup::{EnvironmentRow, Job, Reporter};
 
@@ -20,6 +20,9 @@ pub struct RestoreOptions {
     pub target_db: Option<String>,
     pub overwrite: bool,
     pub neutralize: bool,
+    /// Allows replacing the environment's live database, which a queued restore may do
+    /// only with the environment's approvals.
+    pub replace_live: bool,
 }
 
 /// Runs the restore; `cancel` stops it (the caller wires it to SIGINT and SIGTERM).
@@ -46,6 +49,17 @@ pub async fn run(
         ..Default::default()
     };
     let request = plan_restore(&job, env, &metadata).await?;
+    let replaces_live =
+        matches!(request.kind, RestoreKind::Replace) && request.target_db == request.env.db_name;
+    if replaces_live && !options.replace_live {
+        anyhow::bail!(
+            "{} is the live database of {}; a queued restore that replaces it waits for the \
+             environment's approvals. Queue a restore run, or pass --replace-live to replace \
+             it now without them",
+            request.target_db,
+            request.env.env_id
+        );
+    }
     println!(
         "Restoring backup {} ({}) into {}",
         request.backup.backup_id,
