@@ -274,8 +274,8 @@ async fn check(settings: &Settings) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Longest wait for the Docker engine in `check`: an engine that accepts connections
-/// but does not respond must not hang the command.
+/// Maximum wait for the Docker engine in `check`, because an engine that accepts
+/// connections but does not respond must not hang the command.
 const DOCKER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connects to the engine and describes its version and the negotiated API version.

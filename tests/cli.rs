@@ -229,9 +229,9 @@ async fn check_gives_up_on_a_silent_engine() {
     let db = TestDb::empty().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("silent.sock");
-    // Accepts connections and never answers, like a hung engine.
+    // Accepts connections and never responds, like a hung engine.
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let held = std::thread::spawn(move || {
+    let silent_engine = std::thread::spawn(move || {
         let connection = listener.accept();
         std::thread::sleep(std::time::Duration::from_secs(30));
         drop(connection);
@@ -248,5 +248,5 @@ async fn check_gives_up_on_a_silent_engine() {
     assert_eq!(output.status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("did not respond within 10 s"), "{stderr}");
     assert!(stderr.contains("silent.sock"), "{stderr}");
-    drop(held);
+    drop(silent_engine);
 }

@@ -426,21 +426,21 @@ async fn restore_command_replaces_live_database_only_when_told() {
     };
     let settings = fixture.settings("local");
 
-    let refused = command::run(settings.clone(), options.clone(), CancellationToken::new()).await;
-    let error = format!("{:#}", refused.unwrap_err());
-    let partners_after_refusal = fixture.odoo.count(&fixture.odoo.name, "res_partner").await;
-    let told = RestoreOptions {
+    let rejected = command::run(settings.clone(), options.clone(), CancellationToken::new()).await;
+    let error = format!("{:#}", rejected.unwrap_err());
+    let partners_after_rejection = fixture.odoo.count(&fixture.odoo.name, "res_partner").await;
+    let with_flag = RestoreOptions {
         replace_live: true,
         ..options
     };
-    let replaced = command::run(settings, told, CancellationToken::new()).await;
+    let replaced = command::run(settings, with_flag, CancellationToken::new()).await;
 
     assert!(error.contains("--replace-live"), "{error}");
     assert!(error.contains("live database of env-prod"), "{error}");
     assert_eq!(
-        partners_after_refusal,
+        partners_after_rejection,
         PARTNERS + 1,
-        "refused, yet replaced"
+        "rejected, yet replaced"
     );
     assert!(replaced.is_ok(), "{:?}", replaced.err());
     assert_eq!(

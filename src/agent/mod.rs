@@ -74,8 +74,8 @@ pub async fn run(
         background.clone(),
     ));
     let reaped = Arc::new(Notify::new());
-    // Once before the first claim, so that `--once` also takes back the runs of an agent
-    // that died; a failure is left to the claim loop to report.
+    // Reaps once before the first claim, so that `--once` also takes back the runs of an
+    // agent that died. The claim loop reports a database that fails here.
     if let Err(err) = take_back_expired(&queue, &reaped).await {
         tracing::debug!(error = %err, "reaping expired leases at start failed");
     }
@@ -392,8 +392,8 @@ async fn take_back_expired(queue: &Queue, reaped: &Notify) -> Result<(), QueueEr
 }
 
 /// Warns about entries of agent.environments that ops.environments does not have: no
-/// run can be queued for them, so a typo would leave the agent idle without a word. A
-/// database that does not answer is left to the claim loop to report.
+/// run can be queued for them, so a typo would leave the agent idle without a word. The
+/// claim loop reports a database that does not respond.
 async fn warn_unknown_environments(queue: &Queue, configured: &[String]) {
     if configured.is_empty() {
         return;

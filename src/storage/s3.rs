@@ -85,7 +85,7 @@ pub fn client_config(settings: &S3Settings) -> aws_sdk_s3::Config {
     builder.build()
 }
 
-/// Formats an SDK error: the service's error code and message when it answered, else
+/// Formats an SDK error: the service's error code and message when it responded, else
 /// the chain of causes (such as a refused connection), each once and without the
 /// SDK's debug dump of the request.
 fn describe<E, R>(err: &SdkError<E, R>) -> String
