@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{is_log_filter, LogFormat, LogSettings};
 
 /// Targets whose debug output carries request bodies: bollard logs each Docker API
-/// request, container environments included, and those can hold passwords.
+/// request, container environments included, and those can contain passwords.
 const QUIET_TARGETS: [&str; 1] = ["bollard"];
 
 /// Installs the global subscriber. RUST_LOG, when set, replaces the configured filter.

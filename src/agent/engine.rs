@@ -6,7 +6,6 @@
 //! fails at its first engine call.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,24 +30,22 @@ const DOWN_STATUS: &str = "Docker engine unreachable; claiming only runs that ne
 /// systemd status line once it is back, the same as at start.
 const UP_STATUS: &str = "claiming runs";
 
-/// Whether the engine replied to its last ping, and since when it has not. It stays up
-/// for an agent that serves no run that could need the engine, which never pings it.
+/// State of the engine as its pings see it: up, or down since a given instant. It stays
+/// up for an agent that serves no run that could need the engine, which never pings it.
 #[derive(Clone)]
 pub(crate) struct Engine {
-    up: Arc<AtomicBool>,
     down_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Engine {
     fn new() -> Engine {
         Engine {
-            up: Arc::new(AtomicBool::new(true)),
             down_since: Arc::new(Mutex::new(None)),
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.down_for().is_none()
     }
 
     /// Returns how long the engine has not replied to pings, `None` while it replies.
@@ -57,6 +54,7 @@ impl Engine {
         since.map(|since| since.elapsed())
     }
 
+    /// Records a ping's outcome. The engine stays down since its first missed ping.
     fn set(&self, up: bool) {
         let mut since = self.down_since.lock().expect("engine state lock");
         *since = if up {
@@ -64,7 +62,6 @@ impl Engine {
         } else {
             Some((*since).unwrap_or_else(Instant::now))
         };
-        self.up.store(up, Ordering::Relaxed);
     }
 }
 

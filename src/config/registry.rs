@@ -79,8 +79,9 @@ impl RawRegistry {
 
 /// Splits `[https://]host[:port][/namespace]` and checks each part.
 fn parse_url(url: &str) -> Result<(String, String), ConfigError> {
-    let shown = without_userinfo(url);
-    let invalid = |reason: &str| ConfigError::invalid("registry.url", format!("{shown:?}"), reason);
+    let redacted = without_userinfo(url);
+    let invalid =
+        |reason: &str| ConfigError::invalid("registry.url", format!("{redacted:?}"), reason);
     if url.contains('@') {
         return Err(invalid(
             "put no user or password in the URL; use registry.username and \
@@ -232,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn credentials_in_the_url_are_rejected_unshown() {
+    fn credentials_in_url_are_rejected_redacted() {
         for url in ["https://bot:hunter2@ghcr.io", "bot:hunter2@ghcr.io/acme"] {
             let err = registry(&format!("url = \"{url}\""))
                 .unwrap_err()

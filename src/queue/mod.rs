@@ -167,12 +167,12 @@ pub fn pool_error_text(err: &deadpool_postgres::PoolError) -> String {
             format!("connecting failed: {}", db_error_text(err))
         }
         deadpool_postgres::PoolError::Timeout(kind) => {
-            let what = match kind {
+            let operation = match kind {
                 deadpool_postgres::TimeoutType::Wait => "waiting for a free connection",
                 deadpool_postgres::TimeoutType::Create => "connecting to the database",
                 deadpool_postgres::TimeoutType::Recycle => "checking an idle connection",
             };
-            format!("{what} timed out (database.connect_timeout_secs)")
+            format!("{operation} timed out (database.connect_timeout_secs)")
         }
         other => other.to_string(),
     }
